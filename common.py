@@ -1,0 +1,1007 @@
+"""minigen plumbing shared by the model files: arguments, devices, data, logging, checkpoints.
+
+Nothing here knows about any model. A model file imports this module, declares its `Args` as a subclass of
+`RunArgs`, and ends with `common.run_cli(main, Args)`. Copy this file along with any one model file and it runs.
+
+Sections, in order: errors and arguments; run setup (device, seeds, AMP, torchrun/DDP, Ctrl-C); safe file I/O
+(atomic writes, downloads, archives, restricted unpickling); image datasets and batching; the metrics logger, image
+grids and loss plots; checkpoints.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gzip
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import math
+import os
+import pickle
+import random
+import signal
+import socket
+import struct
+import sys
+import tarfile
+import time
+import tokenize
+import typing
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors and arguments
+# ---------------------------------------------------------------------------------------------------------------
+
+class UserError(Exception):
+    """Something the user can fix (missing data, a bad flag, a corrupt file). `run_cli` prints it as one line."""
+
+
+@dataclasses.dataclass
+class RunArgs:
+    """The flags every model file shares. Model files subclass this and may redeclare a field to change its default."""
+
+    dataset: str = "fashion-mnist"  # fashion-mnist | mnist | cifar10 | stacked-mnist | folder:PATH
+    data_dir: str = dataclasses.field(default_factory=lambda: os.environ.get("MINIGEN_DATA") or "data")
+    # where datasets live, as <data-dir>/<dataset>/<the source's file names> (default: $MINIGEN_DATA, else ./data)
+    out: str = ""  # output folder (default: runs/<model>-<dataset>-<timestamp>; on --resume, the checkpoint's folder)
+    seed: int = 0  # seeds python, numpy and torch; rank r of a torchrun job uses seed + r for its noise and data
+    device: typing.Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto picks cuda, then mps, then cpu
+    batch_size: int = 128  # per process
+    epochs: int = 1  # passes over the training set
+    max_steps: int = 0  # stop after this many optimiser steps in total (0: no cap, run all epochs)
+    log_every: int = 50  # steps between metrics lines (means over the interval)
+    sample_every: int = 500  # steps between sample grids samples_<step>.png (0: only at the end)
+    checkpoint_every: int = 500  # steps between checkpoint writes (one is always written at the end and on Ctrl-C)
+    resume: str = ""  # a checkpoint.pt (or its folder) to continue; flags given with it override the saved ones
+    amp: bool = False  # bf16 autocast on CUDA (likelihoods and losses stay float32); no effect on CPU
+    compile: bool = False  # torch.compile the networks (first steps are slow while it compiles)
+    deterministic: bool = False  # deterministic kernels: same seed, same bits (slower on CUDA)
+    benchmark: bool = False  # time training steps on real and synthetic data, print steps/s and exit; writes nothing
+    benchmark_steps: int = 30  # timed steps per data source for --benchmark (after a few untimed warm-up steps)
+
+    def __post_init__(self):
+        for name in ("batch_size", "epochs", "log_every", "benchmark_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "sample_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but an error is one line (the usage of forty flags would bury it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _field_comments(cls) -> dict:
+    """Help text for each dataclass field: the comment on its line, continued by comment-only lines directly below
+    it (a comment after a blank line is a section heading, not help)."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        names = {f.name for f in dataclasses.fields(klass)}
+        depth, code, notes, current, last_line = 0, [], [], None, -1
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.INDENT:
+                depth += 1
+            elif tok.type == tokenize.DEDENT:
+                depth -= 1
+            elif tok.type == tokenize.COMMENT:
+                text = tok.string.lstrip("#").strip()
+                if code:
+                    notes.append(text)  # a comment on a line of code
+                elif current and tok.start[0] == last_line + 1:
+                    comments[current] += " " + text  # a continuation line
+                    last_line = tok.start[0]
+                else:
+                    current = None
+            elif tok.type == tokenize.NEWLINE:  # the end of a logical line
+                is_field = depth == 1 and len(code) > 1 and code[0].string in names and code[1].string == ":"
+                current = code[0].string if is_field else None
+                if is_field:
+                    comments[current], last_line = " ".join(notes).strip(), tok.start[0]
+                code, notes = [], []
+            elif tok.type != tokenize.NL:
+                code.append(tok)
+    return comments
+
+
+def build_parser(args_cls, prog=None) -> argparse.ArgumentParser:
+    """argparse from a dataclass: kebab-case flags, help from the field comments, booleans as --x/--no-x."""
+    module = sys.modules.get(args_cls.__module__)
+    description = (inspect.getdoc(module) or "").split("\n\n")[0] if module else ""
+    parser = _OneLineErrorParser(prog=prog, description=description,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(args_cls)
+    helps = _field_comments(args_cls)
+    for f in dataclasses.fields(args_cls):
+        flag, tp = "--" + f.name.replace("_", "-"), hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = dict(default=default, help=helps.get(f.name, " ") or " ", dest=f.name)
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(tp) is typing.Literal:
+            choices = typing.get_args(tp)
+            parser.add_argument(flag, type=type(choices[0]), choices=choices, **kwargs)
+        elif tp in (int, float, str):
+            parser.add_argument(flag, type=tp, metavar=tp.__name__.upper(), **kwargs)
+        else:
+            raise TypeError(f"{args_cls.__name__}.{f.name}: unsupported flag type {tp}")
+    return parser
+
+
+def parse_args(args_cls, argv=None):
+    """Parse the command line into `args_cls`. With --resume, the checkpoint's own arguments become the defaults, so
+    `python dcgan.py --resume runs/x` continues run x as it was configured, and any flag given overrides."""
+    parser = build_parser(args_cls)
+    namespace = parser.parse_args(argv)
+    if namespace.resume:
+        try:
+            saved = load_checkpoint(namespace.resume, map_location="cpu")["args"]
+        except UserError as e:
+            parser.error(str(e))
+        known = {f.name for f in dataclasses.fields(args_cls)}
+        saved = {k: v for k, v in saved.items() if k in known and k not in ("resume", "benchmark")}
+        saved["out"] = str(checkpoint_path(namespace.resume).parent)
+        parser.set_defaults(**saved)
+        namespace = parser.parse_args(argv)
+    try:
+        return args_cls(**vars(namespace))
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def run_cli(main, args_cls, argv=None):
+    """The entry point of every model file: parse flags, run main, and turn user errors into one line and exit 1."""
+    args = parse_args(args_cls, argv)
+    prog = Path(sys.argv[0]).name
+    try:
+        main(args)
+    except UserError as e:
+        if get_rank() == 0:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except torch.OutOfMemoryError:
+        if get_rank() == 0:
+            print(f"{prog}: error: out of memory on {args.device}; lower --batch-size", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # before or after the training loop, which handles Ctrl-C itself
+        if get_rank() == 0:
+            print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run setup: devices, seeds, AMP, compile, torchrun (DDP), Ctrl-C
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+    """What a model's main() needs to know about where and how it runs."""
+
+    device: torch.device
+    out: Path  # the output folder (created by rank 0 only; not created for --benchmark)
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else \
+            "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda, but CUDA is not available here; use --device cpu (or auto)")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps, but MPS is not available here; use --device cpu (or auto)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(args, model_name: str) -> Run:
+    """Start a run: join the torchrun group if there is one, pick the device, seed, make the output folder, write
+    config.json. Under torchrun, rank r seeds with seed + r (different noise per rank); call `broadcast_module` after
+    building a network so that every rank starts from rank 0's weights."""
+    rank, world_size, local_rank = 0, 1, 0
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(args.device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it before its first call
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the shapes never change, so autotuning pays once
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    seed_everything(args.seed + rank)
+    if args.amp and device.type != "cuda" and rank == 0:
+        print("note: --amp only has an effect on CUDA; running in float32", file=sys.stderr)
+
+    out = Path(args.out or f"runs/{model_name}-{args.dataset.replace(':', '-').replace('/', '_')}-"
+                           f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    if rank == 0 and not args.benchmark:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the output folder {out} ({e.strerror}); choose another with --out")
+        config = {"model": model_name, "args": dataclasses.asdict(args), "device": str(device),
+                  "world_size": world_size, "torch": torch.__version__, "command": " ".join(sys.argv),
+                  "started": datetime.datetime.now().isoformat(timespec="seconds")}
+        atomic_write_bytes(out / "config.json", json.dumps(config, indent=2).encode())
+    return Run(device=device, out=out, rank=rank, world_size=world_size)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled; otherwise a no-op context. bf16 needs no loss scaling."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def maybe_compile(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """Compile in place (module.compile), so the state_dict keys and the module object stay the same."""
+    if enabled:
+        module.compile()
+    return module
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers (DDP does this in its constructor; we do it by hand)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
+def all_reduce_gradients(module: torch.nn.Module) -> None:
+    """Average gradients over ranks, as DDP would. Done by hand because a GAN step calls D several times and takes
+    gradients of gradients (R1, WGAN-GP), which DDP's hooks do not support."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])  # one message instead of one per tensor
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM sets a flag that the training loop checks between steps, so the checkpoint it
+    then writes is never from the middle of a step. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the handlers alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if get_rank() == 0:
+            print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def __call__(self, device: torch.device) -> bool:
+        """True if any rank was asked to stop (all ranks must leave the loop at the same step)."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Safe file I/O: atomic writes, downloads with pinned checksums, archives, restricted unpickling
+# ---------------------------------------------------------------------------------------------------------------
+
+def atomic_write(path, write) -> None:
+    """Call write(file) on a temporary file beside `path`, then rename it over `path`: a reader (or a crash) never
+    sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(urls, dest, sha256: str, timeout: float = 60.0) -> Path:
+    """Fetch the first of `urls` that works into `dest`, checking its sha256. Written to a temporary file and renamed
+    only after the checksum matches, so a failure never leaves a partial or wrong file at `dest`."""
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {dest.parent} to download {dest.name} into ({e.strerror}); "
+                        f"pass a writable --data-dir")
+    failures = []
+    for url in urls:
+        tmp = dest.with_name(f".{dest.name}.part{os.getpid()}")
+        try:
+            digest, done, last_report = hashlib.sha256(), 0, 0.0
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+                total = int(response.headers.get("Content-Length") or 0)
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    if sys.stderr.isatty() and time.time() - last_report > 0.5:
+                        last_report = time.time()
+                        share = f" {100 * done / total:.0f}%" if total else ""
+                        print(f"\rdownloading {url}: {done / 2**20:.1f} MiB{share}", end="", file=sys.stderr)
+            if total and done != total:
+                failures.append(f"{url}: connection closed after {done} of {total} bytes")
+                continue
+            if digest.hexdigest() != sha256:
+                failures.append(f"{url}: checksum mismatch (sha256 {digest.hexdigest()[:16]}…, "
+                                f"expected {sha256[:16]}…)")
+                continue
+            os.replace(tmp, dest)
+            print(f"\rdownloaded {url} -> {dest} ({done / 2**20:.1f} MiB)", file=sys.stderr)
+            return dest
+        except urllib.error.HTTPError as e:
+            failures.append(f"{url}: HTTP {e.code}")
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            failures.append(f"{url}: {getattr(e, 'reason', None) or e}")
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise UserError(f"could not download {dest.name} ({'; '.join(failures)}); "
+                    f"download it by hand and put it at {dest}")
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles only containers of numpy arrays: the classes and functions numpy's array pickles reference, and
+    nothing else. A plain pickle.load on downloaded bytes would run whatever callable the file names."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes in protocol 2 pickles: encode(str, "latin1")
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
+        if module.startswith("numpy.core"):  # numpy 2 renamed numpy.core to numpy._core; old pickles use the former
+            module = module.replace("numpy.core", "numpy._core") if hasattr(np, "_core") else module
+        return getattr(importlib.import_module(module), name)
+
+
+def restricted_load(data: bytes, encoding: str = "bytes"):
+    """Load a pickle of plain containers and numpy arrays (encoding="bytes" reads Python 2 pickles such as CIFAR's)."""
+    return RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
+
+
+def safe_extract(archive, members, dest) -> None:
+    """Extract `members` (regular files) from a tar archive into `dest`. Refuses the whole archive if any member
+    has an absolute path, a '..' component or is a link or device, so nothing can be written outside `dest`."""
+    dest = Path(dest)
+    try:
+        with tarfile.open(archive) as tar:
+            entries = tar.getmembers()
+            for m in entries:
+                parts = Path(m.name).parts
+                if m.name.startswith(("/", "\\")) or Path(m.name).is_absolute() or ".." in parts:
+                    raise UserError(f"{archive}: refusing archive with unsafe member path {m.name!r}")
+                if not (m.isfile() or m.isdir()):
+                    raise UserError(f"{archive}: refusing archive with link or special member {m.name!r}")
+            by_name = {m.name: m for m in entries}
+            missing = [name for name in members if name not in by_name]
+            if missing:
+                raise UserError(f"{archive}: missing {', '.join(missing)}; delete it to download it again")
+            for name in members:
+                target = dest / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(by_name[name])
+                atomic_write(target, lambda f: f.write(source.read()))
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise UserError(f"{archive}: not a readable tar archive ({e}); delete it to download it again")
+
+
+def read_idx(path) -> np.ndarray:
+    """Parse an IDX file of unsigned bytes (MNIST's format, gzipped or not): magic 0x0000 08 <ndim>, then ndim
+    big-endian uint32 sizes, then the bytes."""
+    path = Path(path)
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: unreadable ({e}); delete it to download it again, or replace it")
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise UserError(f"{path}: not an IDX file of unsigned bytes (magic {data[:4].hex() or 'empty'}); replace it")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(data) < header:
+        raise UserError(f"{path}: truncated IDX header; delete it to download it again, or replace it")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    if len(data) != header + math.prod(shape):
+        raise UserError(f"{path}: IDX header says {shape} ({header + math.prod(shape)} bytes) but the file has "
+                        f"{len(data)}; delete it to download it again, or replace it")
+    return np.frombuffer(bytearray(data), dtype=np.uint8, offset=header).reshape(shape)  # bytearray: writable
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image datasets: each loaded once into a uint8 tensor N x C x H x W, batched by random permutation
+# ---------------------------------------------------------------------------------------------------------------
+
+IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+# Where each dataset comes from. Checksums are sha256 of the files as the sources publish them.
+SOURCES = {
+    "mnist": {
+        "folder": "mnist",
+        "mirrors": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/",
+                    "http://yann.lecun.com/exdb/mnist/"],
+        "sha256": {
+            "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"},
+        "system_dirs": [],
+    },
+    "fashion-mnist": {
+        "folder": "fashion-mnist",
+        "mirrors": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+        "sha256": {
+            "train-images-idx3-ubyte.gz": "08dc20ab1689590a0bcd66e874647b6ee8464e2d501b5a3f1f78831db19a3fdc",
+            "train-labels-idx1-ubyte.gz": "b0197879cbda89f3dc7b894f9fd52b858e68ea4182b6947c9d8c2b67e5f18dcc",
+            "t10k-images-idx3-ubyte.gz": "78dcbbfb5a27efaf1b6c1d616caca68560be8766c5bffcb2791df9273a534229",
+            "t10k-labels-idx1-ubyte.gz": "42bd18137a62d5998cdeae52bf3a0676ac6b706f5cf8439b47bb5b151ae3dccf"},
+        # Debian/Ubuntu's dataset-fashion-mnist package (recompressed, so its checksums differ; parsed and checked
+        # for shape like any local file)
+        "system_dirs": ["/usr/share/datasets/fashion-mnist"],
+    },
+    "cifar10": {
+        "folder": "cifar10",
+        "mirrors": ["https://www.cs.toronto.edu/~kriz/"],
+        "sha256": {"cifar-10-python.tar.gz": "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"},
+        "system_dirs": [],
+    },
+}
+CIFAR_MEMBERS = {"train": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)],
+                 "test": ["cifar-10-batches-py/test_batch"]}
+IMAGE_DATASETS = ("fashion-mnist", "mnist", "cifar10", "stacked-mnist", "folder:PATH")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+STACKED_MNIST_SIZE = {"train": 60_000, "test": 10_000}  # as many stacks as MNIST has digits, one epoch the same
+
+
+@dataclasses.dataclass
+class ImageData:
+    images: torch.Tensor  # uint8, N x C x H x W, values 0..255
+    labels: typing.Optional[torch.Tensor]  # int64, N (None when the source has no labels)
+    num_classes: int  # 0 when unlabelled
+    name: str
+
+
+def check_image_dataset(name: str) -> None:
+    """Raise ValueError (an argparse error from parse_args) for an unknown image dataset name."""
+    known = name in IMAGE_DATASETS and name != "folder:PATH"
+    if not (known or (name.startswith("folder:") and len(name) > len("folder:"))):
+        raise ValueError(f"--dataset {name!r} is not one of {', '.join(IMAGE_DATASETS)}")
+
+
+def find_or_download(dataset: str, filename: str, data_dir) -> Path:
+    """A source file in <data-dir>/<folder>/ (gzipped or not), else in a system location, else downloaded."""
+    source = SOURCES[dataset]
+    local = Path(data_dir) / source["folder"]
+    for folder in [local] + [Path(d) for d in source["system_dirs"]]:
+        for candidate in (folder / filename, folder / filename.removesuffix(".gz")):
+            if candidate.is_file():
+                return candidate
+    if get_rank() != 0:
+        raise UserError(f"{filename} is missing; rank 0 should have downloaded it")
+    return download([m + filename for m in source["mirrors"]], local / filename, source["sha256"][filename])
+
+
+def _load_idx_pair(dataset: str, split: str, data_dir):
+    image_file, label_file = IDX_FILES[split]
+    images = read_idx(find_or_download(dataset, image_file, data_dir))
+    labels = read_idx(find_or_download(dataset, label_file, data_dir))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise UserError(f"{dataset} {split}: images {images.shape} and labels {labels.shape} do not match; "
+                        f"replace the files in {Path(data_dir) / SOURCES[dataset]['folder']}")
+    return images[:, None], labels.astype(np.int64)  # N x 1 x 28 x 28
+
+
+def _load_cifar10(split: str, data_dir):
+    folder = Path(data_dir) / "cifar10"
+    if not all((folder / m).is_file() for m in CIFAR_MEMBERS[split]):
+        archive = find_or_download("cifar10", "cifar-10-python.tar.gz", data_dir)
+        safe_extract(archive, CIFAR_MEMBERS["train"] + CIFAR_MEMBERS["test"], folder)
+    images, labels = [], []
+    for member in CIFAR_MEMBERS[split]:
+        try:
+            batch = restricted_load((folder / member).read_bytes())
+            data, batch_labels = batch[b"data"], batch[b"labels"]
+        except (pickle.UnpicklingError, KeyError, TypeError, EOFError, ValueError) as e:
+            raise UserError(f"{folder / member}: not a CIFAR-10 batch ({e}); delete {folder} to extract it again")
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape[1:] != (3072,):
+            raise UserError(f"{folder / member}: unexpected data {getattr(data, 'shape', None)}; delete {folder}")
+        images.append(data.reshape(-1, 3, 32, 32))  # rows are R (1024), G, B planes of a 32x32 image
+        labels.append(np.asarray(batch_labels, dtype=np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _load_stacked_mnist(split: str, data_dir):
+    """Stacked MNIST (Metz et al. 2017, Unrolled GAN §3.3; VEEGAN; PacGAN): three MNIST digits drawn at random as the
+    R, G and B channels, so there are 10^3 = 1,000 modes; the label is the mode 100*a + 10*b + c. The draw is fixed
+    (not --seed) so that every run sees the same dataset."""
+    digits, digit_labels = _load_idx_pair("mnist", split, data_dir)
+    rng = np.random.default_rng(2017 if split == "train" else 2018)
+    picks = rng.integers(0, len(digits), size=(STACKED_MNIST_SIZE[split], 3))
+    images = digits[picks, 0]  # N x 3 x 28 x 28
+    labels = digit_labels[picks] @ np.array([100, 10, 1])
+    return np.ascontiguousarray(images), labels
+
+
+def _folder_images(root: Path):
+    """(relative path, file) for every file under root, sorted, and how many files were skipped as non-images."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    return images, len(files) - len(images)
+
+
+def _load_folder(root: Path, image_size: int, cache_dirs):
+    """Any tree of images, each resized (shorter side) and centre-cropped to image_size with Pillow. Labels are the
+    first-level subfolder names when every image lies in one. The decoded array is cached as one .npz, keyed by the
+    file list, sizes and modification times, so a second run skips decoding."""
+    if not root.is_dir():
+        raise UserError(f"--dataset folder:{root}: no such directory")
+    files, skipped = _folder_images(root)
+    key = hashlib.sha256(json.dumps([str(root.resolve()), image_size] + [
+        (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode()).hexdigest()[:16]
+    for cache_dir in cache_dirs:
+        cached = Path(cache_dir) / f"folder-{key}.npz"
+        if cached.is_file():
+            with np.load(cached, allow_pickle=False) as z:
+                names = [str(n) for n in z["class_names"]]
+                return z["images"], (z["labels"] if names else None), names
+    decoded, kept, unreadable = [], [], 0
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                decoded.append(im.copy())
+                kept.append(path)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            unreadable += 1
+    if not decoded:
+        raise UserError(f"--dataset folder:{root}: no readable images found "
+                        f"({skipped + unreadable} other files; looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    grey = all(im.mode in ("1", "L", "I", "I;16", "F") for im in decoded)
+    array = np.stack([_resize_crop(im.convert("L" if grey else "RGB"), image_size) for im in decoded])
+    array = array[:, None] if grey else array.transpose(0, 3, 1, 2)  # N x C x H x W
+    top = [p.relative_to(root).parts for p in kept]
+    names = sorted({parts[0] for parts in top}) if all(len(parts) > 1 for parts in top) else []
+    labels = np.array([names.index(parts[0]) for parts in top], dtype=np.int64) if names else None
+    if get_rank() == 0:
+        print(f"folder {root}: {len(decoded)} images, {skipped + unreadable} files skipped "
+              f"({skipped} not images, {unreadable} unreadable)", file=sys.stderr)
+    for cache_dir in cache_dirs:
+        try:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write(Path(cache_dir) / f"folder-{key}.npz", lambda f: np.savez(
+                f, images=array, labels=labels if labels is not None else np.zeros(0, np.int64),
+                class_names=np.array(names, dtype=str)))
+            break
+        except OSError:
+            continue  # a read-only data dir: try the next place
+    return array, labels, names
+
+
+def _resize_crop(im: Image.Image, size: int) -> np.ndarray:
+    scale = size / min(im.size)
+    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+    im = im.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bring uint8 N x C x h x w images to size x size, once at load time. 28 px digits going to 32 px are padded
+    with black (the LeNet convention: no interpolation blur); any other change is an antialiased bilinear resize."""
+    h, w = images.shape[-2:]
+    if (h, w) == (size, size):
+        return images
+    if h == w and h < size <= h + 4:
+        before = (size - h) // 2
+        return F.pad(images, (before, size - h - before, before, size - h - before))
+    chunks = [F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+              .round_().clamp_(0, 255).to(torch.uint8) for chunk in images.split(4096)]
+    return torch.cat(chunks)
+
+
+def load_image_dataset(name: str, data_dir, image_size: int, split: str = "train", cache_dir=None) -> ImageData:
+    """Load `name` ('fashion-mnist', 'mnist', 'cifar10', 'stacked-mnist' or 'folder:PATH') as uint8 N x C x H x W at
+    image_size. Under torchrun, rank 0 downloads first while the others wait."""
+    try:
+        check_image_dataset(name)
+    except ValueError as e:
+        raise UserError(str(e))
+    if dist.is_initialized() and get_rank() != 0:
+        dist.barrier()  # wait for rank 0 to download and extract
+    try:
+        if name in ("fashion-mnist", "mnist"):
+            images, labels = _load_idx_pair(name, split, data_dir)
+            class_names = list(range(10))
+        elif name == "cifar10":
+            images, labels = _load_cifar10(split, data_dir)
+            class_names = list(range(10))
+        elif name == "stacked-mnist":
+            images, labels = _load_stacked_mnist(split, data_dir)
+            class_names = list(range(1000))
+        else:
+            caches = [Path(data_dir) / "folder-cache"] + ([Path(cache_dir)] if cache_dir else [])
+            images, labels, class_names = _load_folder(Path(name[len("folder:"):]), image_size, caches)
+    finally:
+        if dist.is_initialized() and get_rank() == 0:
+            dist.barrier()
+    tensor = resize_images(torch.from_numpy(np.ascontiguousarray(images)), image_size)
+    label_tensor = torch.from_numpy(labels) if labels is not None else None
+    return ImageData(tensor, label_tensor, len(class_names) if labels is not None else 0, name)
+
+
+class ImageBatches:
+    """Minibatches of uint8 images by random permutation, on the device when the data fits there.
+
+    The permutation of epoch e is drawn from a generator seeded by (seed, e), so the position (epoch, batch index) is
+    the whole state: a resumed run sees exactly the batches the uninterrupted run would have. Under torchrun each
+    rank takes its own slice of every global batch. Partial last batches are dropped (BatchNorm dislikes tiny ones).
+    """
+
+    def __init__(self, data: ImageData, batch_size: int, seed: int, device: torch.device, rank: int = 0,
+                 world_size: int = 1):
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.steps_per_epoch = len(data.images) // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{data.name} has {len(data.images)} images, fewer than one batch of "
+                            f"{batch_size * world_size}; lower --batch-size")
+        on_device = device.type == "cpu" or (device.type == "cuda" and data.images.numel() < 0.25 * torch.cuda.mem_get_info(device)[0])
+        self.storage = device if on_device else torch.device("cpu")
+        self.device = device
+        self.images = data.images.to(self.storage)
+        self.labels = data.labels.to(self.storage) if data.labels is not None else None
+        self.epoch, self.index = 0, 0
+        self._order = None
+
+    def _permutation(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.images), generator=generator).to(self.storage)
+
+    def next(self):
+        """(images uint8 B x C x H x W, labels int64 B or None) on the device."""
+        if self.index == self.steps_per_epoch:
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self._order = self._permutation()
+        start = (self.index * self.world_size + self.rank) * self.batch_size
+        idx = self._order[start:start + self.batch_size]
+        self.index += 1
+        images = self.images[idx].to(self.device, non_blocking=True)
+        labels = self.labels[idx].to(self.device, non_blocking=True) if self.labels is not None else None
+        return images, labels
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index, self._order = state["epoch"], state["index"], None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics logger, image grids, loss plots
+# ---------------------------------------------------------------------------------------------------------------
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class MetricsLogger:
+    """Writes metrics.jsonl (one JSON object per logged step) and one progress line per log step.
+
+    `update` adds a step's metrics to running sums kept on the device (no synchronisation per step); `log` turns
+    them into means over the interval, in one transfer. On resume, lines past the checkpoint's step (written after
+    it by the interrupted run) are dropped so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, out: Path, total_steps: int, enabled: bool = True, start_step: int = 0, console_keys=()):
+        self.path = Path(out) / "metrics.jsonl"
+        self.total_steps, self.enabled, self.console_keys = total_steps, enabled, tuple(console_keys)
+        self._sums, self._count = {}, 0
+        self._last_time, self._last_step = time.time(), start_step
+        if enabled and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
+
+    def update(self, metrics: dict) -> None:
+        for key, value in metrics.items():
+            value = value.detach().float() if torch.is_tensor(value) else float(value)
+            self._sums[key] = self._sums[key] + value if key in self._sums else value
+        self._count += 1
+
+    def log(self, step: int, extra: typing.Optional[dict] = None) -> dict:
+        """Means since the last call, plus `extra`, as a metrics line; returns them (on every rank)."""
+        keys = list(self._sums)
+        means = []
+        if keys:
+            device = next((v.device for v in self._sums.values() if torch.is_tensor(v)), torch.device("cpu"))
+            sums = torch.stack([torch.as_tensor(self._sums[k], dtype=torch.float32, device=device) for k in keys])
+            means = (sums / max(self._count, 1)).tolist()
+        now = time.time()
+        rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        record = {"step": step, **{k: round(v, 6) for k, v in zip(keys, means)}, **(extra or {})}
+        record["time/steps_per_s"] = round(rate, 3)
+        self._sums, self._count, self._last_time, self._last_step = {}, 0, now, step
+        if self.enabled:
+            self._append(record)
+            eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+            shown = [k for k in self.console_keys if k in record] or [k for k in keys]
+            metrics = " ".join(f"{k} {record[k]:.4g}" for k in shown)
+            print(f"step {step}/{self.total_steps} ({100 * step / max(self.total_steps, 1):.0f}%) | "
+                  f"{rate:.2f} steps/s | ETA {_format_duration(eta) if math.isfinite(eta) else '?'} | {metrics}",
+                  flush=True)
+        return record
+
+    def log_eval(self, step: int, metrics: dict) -> None:
+        """The final evaluation line of a run."""
+        record = {"step": step, "final": True, **{k: (round(v, 6) if isinstance(v, float) else v)
+                                                  for k, v in metrics.items()}}
+        if self.enabled:
+            self._append(record)
+            print("eval | " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in metrics.items()), flush=True)
+
+    def _append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+
+def image_grid(images: torch.Tensor, nrow: typing.Optional[int] = None, padding: int = 2) -> Image.Image:
+    """uint8 N x C x H x W (C = 1 grey, 3 RGB; other counts are shown as their channel mean) -> one PIL image."""
+    images = images.detach().cpu()
+    if images.dtype != torch.uint8:
+        raise TypeError("image_grid takes uint8 images; convert with to_uint8 first")
+    n, c, h, w = images.shape
+    if c not in (1, 3):
+        images, c = images.float().mean(1, keepdim=True).round().to(torch.uint8), 1
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    ncol = math.ceil(n / nrow)
+    grid = torch.full((c, ncol * (h + padding) + padding, nrow * (w + padding) + padding), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, top:top + h, left:left + w] = images[i]
+    array = grid.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[:, :, 0] if c == 1 else array, mode="L" if c == 1 else "RGB")
+
+
+def save_image_grid(images: torch.Tensor, path, nrow: typing.Optional[int] = None, padding: int = 2) -> None:
+    grid = image_grid(images, nrow, padding)
+    atomic_write(path, lambda f: grid.save(f, format="PNG"))
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (a tanh output) to uint8 0..255."""
+    return ((x.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def save_samples_npz(path, images: torch.Tensor, labels: typing.Optional[torch.Tensor] = None) -> None:
+    """The cross-model sample file: `images` uint8 N x C x H x W, plus `labels` when the samples are conditional."""
+    arrays = {"images": images.cpu().numpy()}
+    if labels is not None:
+        arrays["labels"] = labels.cpu().numpy()
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def _nice_ticks(lo: float, hi: float, count: int = 5):
+    span = hi - lo if hi > lo else 1.0
+    step = 10 ** math.floor(math.log10(span / count))
+    step *= next(m for m in (1, 2, 2.5, 5, 10) if span / (step * m) <= count)
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def plot_metrics(metrics_path, png_path, prefixes=("loss/",), title: str = "") -> None:
+    """Draw every metric whose name starts with one of `prefixes` against the step, with Pillow only."""
+    rows = []
+    for line in Path(metrics_path).read_text().splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    series = {}
+    for row in rows:
+        if row.get("final"):
+            continue
+        for key, value in row.items():
+            if key.startswith(tuple(prefixes)) and isinstance(value, (int, float)) and math.isfinite(value):
+                series.setdefault(key, []).append((row["step"], float(value)))
+    width, height, left, right, top, bottom = 900, 480, 70, 20, 40, 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    draw.text((left, 12), title or "", fill="black", font=font)
+    if not series:
+        draw.text((width // 2 - 60, height // 2), "no data yet", fill="black", font=font)
+        atomic_write(png_path, lambda f: image.save(f, format="PNG"))
+        return
+    points = [p for values in series.values() for p in values]
+    x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
+    y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
+    x_hi, y_pad = (x_hi if x_hi > x_lo else x_lo + 1), (y_hi - y_lo) * 0.05 or 0.5
+    y_lo, y_hi = y_lo - y_pad, y_hi + y_pad
+
+    def to_pixel(x, y):
+        return (left + (x - x_lo) / (x_hi - x_lo) * (width - left - right),
+                height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for y in _nice_ticks(y_lo, y_hi):
+        _, py = to_pixel(x_lo, y)
+        draw.line([left - 4, py, width - right, py], fill=(230, 230, 230))
+        draw.text((5, py - 6), f"{y:.3g}", fill="black", font=font)
+    for x in _nice_ticks(x_lo, x_hi):
+        px, _ = to_pixel(x, y_lo)
+        draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
+        draw.text((px - 12, height - bottom + 8), f"{x:g}", fill="black", font=font)
+    draw.text((width // 2 - 10, height - 20), "step", fill="black", font=font)
+    for i, (key, values) in enumerate(sorted(series.items())):
+        colour = PALETTE[i % len(PALETTE)]
+        pixels = [to_pixel(x, y) for x, y in values]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colour, width=2)
+        else:
+            x, y = pixels[0]
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        draw.line([width - right - 150, top + 12 + 14 * i, width - right - 130, top + 12 + 14 * i], fill=colour,
+                  width=3)
+        draw.text((width - right - 125, top + 6 + 14 * i), key, fill="black", font=font)
+    atomic_write(png_path, lambda f: image.save(f, format="PNG"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: full training state, written atomically, loaded with weights_only=True
+# ---------------------------------------------------------------------------------------------------------------
+
+def checkpoint_path(path) -> Path:
+    """A checkpoint file, or the run folder that holds checkpoint.pt."""
+    path = Path(path)
+    return path / "checkpoint.pt" if path.is_dir() else path
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                      "gauss": gauss}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """Write `state` plus every rank's RNG state, atomically (the previous checkpoint survives a crash mid-write).
+    Collective under torchrun: every rank must call it; rank 0 writes."""
+    states = [rng_state()]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, rng_state())
+    if get_rank() == 0:
+        atomic_write(path, lambda f: torch.save({**state, "rng": states}, f))
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    path = checkpoint_path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}; pass a checkpoint.pt or the run folder that holds one")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged or foreign file
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
+                        f"resume from an earlier one or start afresh")
+
+
+def restore_rng(checkpoint: dict, rank: int = 0, fallback_seed: int = 0) -> None:
+    """Restore this rank's RNG state. A rank the checkpoint has no state for (the job grew) seeds afresh."""
+    states = checkpoint["rng"]
+    if rank < len(states):
+        set_rng_state(states[rank])
+    else:
+        seed_everything(fallback_seed + rank)

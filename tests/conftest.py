@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny dataset in MNIST's own file format, a local HTTP server, the real-data location."""
+
+import functools
+import gzip
+import http.server
+import os
+import struct
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file of unsigned bytes, gzipped, as MNIST publishes them."""
+    header = b"\x00\x00\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def tiny_digits(count: int, seed: int):
+    """28x28 images of one bright square per class, at a class-dependent place, plus noise: learnable shapes."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, count)
+    images = rng.integers(0, 40, (count, 28, 28))
+    for image, label in zip(images, labels):
+        row, col = 2 + 2 * (label // 5) * 5, 2 + 5 * (label % 5)
+        image[row:row + 8, col:col + 6] = 255
+    return images.astype(np.uint8), labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """<dir>/mnist and <dir>/fashion-mnist with 512 training and 128 test images each, in the real file layout."""
+    root = tmp_path_factory.mktemp("data")
+    for folder in ("mnist", "fashion-mnist"):
+        for split, count, seed in (("train", 512, 0), ("t10k", 128, 1)):
+            images, labels = tiny_digits(count, seed)
+            write_idx(root / folder / f"{split}-images-idx3-ubyte.gz", images)
+            write_idx(root / folder / f"{split}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def http_server(tmp_path):
+    """(folder, base URL) of an HTTP server on 127.0.0.1 serving that folder."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def shared_data() -> Path:
+    """The real datasets: $MINIGEN_DATA, else ../shared/data beside the checkout."""
+    return Path(os.environ.get("MINIGEN_DATA") or ROOT.parent / "shared" / "data")
+
+
+def real_idx_dir(dataset: str):
+    """A data dir holding `dataset` in real IDX files, or None."""
+    for root in (shared_data(), ROOT / "data"):
+        if (root / dataset / "train-images-idx3-ubyte.gz").is_file():
+            return root
+    if dataset == "fashion-mnist" and Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file():
+        return Path("/nonexistent-data-dir")  # the loader falls back to the Debian package's location
+    return None

@@ -1,0 +1,444 @@
+"""common.py: argument parsing, file formats, downloads, archives, datasets, batching, logging, checkpoints."""
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import pickle
+import socket
+import tarfile
+import typing
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from conftest import tiny_digits, write_idx
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ExampleArgs(common.RunArgs):
+    learning_rate: float = 0.1  # step size (Someone et al. §2)
+    # continued here
+    use_trick: bool = False  # a switch
+    mode: typing.Literal["a", "b"] = "a"  # one of two
+
+    # a section heading, not help
+    width: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.width > 100:
+            raise ValueError("--width must be at most 100")
+
+
+def test_flags_are_kebab_case_with_help_from_comments():
+    parser = common.build_parser(ExampleArgs)
+    text = parser.format_help()
+    assert "--learning-rate" in text and "--use-trick" in text and "--no-use-trick" in text
+    assert "step size (Someone et al. §2) continued here" in " ".join(text.split())
+    assert "section heading" not in text
+    args = common.parse_args(ExampleArgs, ["--learning-rate", "0.5", "--use-trick", "--mode", "b", "--seed", "3"])
+    assert (args.learning_rate, args.use_trick, args.mode, args.seed) == (0.5, True, "b", 3)
+    assert common.parse_args(ExampleArgs, ["--no-use-trick"]).use_trick is False
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mode", "c"], "invalid choice"),
+    (["--learning-rate", "fast"], "invalid float"),
+    (["--width", "1000"], "--width must be at most 100"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--no-such-flag"], "unrecognized arguments"),
+])
+def test_bad_flags_are_one_line_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse_args(ExampleArgs, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_data_dir_defaults_to_environment(monkeypatch):
+    monkeypatch.setenv("MINIGEN_DATA", "/somewhere/data")
+    assert common.parse_args(ExampleArgs, []).data_dir == "/somewhere/data"
+    monkeypatch.delenv("MINIGEN_DATA")
+    assert common.parse_args(ExampleArgs, []).data_dir == "data"
+
+
+def test_resume_takes_saved_flags_and_explicit_ones_override(tmp_path):
+    saved = dataclasses.asdict(ExampleArgs(learning_rate=0.3, mode="b", width=7, max_steps=10))
+    common.save_checkpoint(tmp_path / "checkpoint.pt", {"args": saved})
+    args = common.parse_args(ExampleArgs, ["--resume", str(tmp_path), "--max-steps", "20"])
+    assert (args.learning_rate, args.mode, args.width, args.max_steps) == (0.3, "b", 7, 20)
+    assert args.out == str(tmp_path)
+
+
+def test_run_cli_turns_user_errors_into_one_line(capsys):
+    def main(args):
+        raise common.UserError("the data is missing; put it in ./data")
+
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(main, ExampleArgs, [])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.strip().endswith("error: the data is missing; put it in ./data") and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# IDX files
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_idx_round_trip_gzipped_and_plain(tmp_path):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.gz", images)
+    assert np.array_equal(common.read_idx(tmp_path / "a.gz"), images)
+    (tmp_path / "b").write_bytes(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + bytes([7, 8, 9]))
+    assert common.read_idx(tmp_path / "b").tolist() == [7, 8, 9]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x00\x00\x0d\x01" + (3).to_bytes(4, "big") + bytes(12), "not an IDX file of unsigned bytes"),  # float32
+    (b"\x12\x34\x08\x01" + (3).to_bytes(4, "big") + bytes(3), "not an IDX file"),
+    (b"\x00\x00\x08\x03" + (2).to_bytes(4, "big"), "truncated IDX header"),
+    (b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + bytes(3), "header says"),  # truncated data
+    (b"", "not an IDX file"),
+])
+def test_idx_rejects_wrong_magic_and_truncation(tmp_path, content, message):
+    (tmp_path / "bad").write_bytes(content)
+    with pytest.raises(common.UserError, match=message):
+        common.read_idx(tmp_path / "bad")
+
+
+def test_idx_rejects_a_broken_gzip(tmp_path):
+    write_idx(tmp_path / "x.gz", np.zeros((10, 28, 28), np.uint8))
+    data = (tmp_path / "x.gz").read_bytes()
+    (tmp_path / "x.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(common.UserError, match="unreadable"):
+        common.read_idx(tmp_path / "x.gz")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Downloads
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_download_checks_sha256_and_renames_only_then(http_server, tmp_path):
+    served, url = http_server
+    payload = os.urandom(3 * 2**20 + 17)
+    (served / "file.bin").write_bytes(payload)
+    dest = tmp_path / "got" / "file.bin"
+    common.download([url + "file.bin"], dest, hashlib.sha256(payload).hexdigest())
+    assert dest.read_bytes() == payload
+    assert [p.name for p in dest.parent.iterdir()] == ["file.bin"]
+
+
+def test_download_checksum_mismatch_leaves_nothing(http_server, tmp_path):
+    served, url = http_server
+    (served / "file.bin").write_bytes(b"not what was pinned")
+    dest = tmp_path / "got" / "file.bin"
+    with pytest.raises(common.UserError, match="checksum mismatch") as info:
+        common.download([url + "file.bin"], dest, "0" * 64)
+    assert url + "file.bin" in str(info.value) and str(dest) in str(info.value)
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_download_falls_back_to_the_next_mirror(http_server, tmp_path):
+    served, url = http_server
+    (served / "file.bin").write_bytes(b"payload")
+    dest = tmp_path / "file.bin"
+    common.download([url + "missing.bin", url + "file.bin"], dest, hashlib.sha256(b"payload").hexdigest())
+    assert dest.read_bytes() == b"payload"
+
+
+def test_download_refused_connection_is_a_clear_error(tmp_path):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dest = tmp_path / "file.bin"
+    with pytest.raises(common.UserError) as info:
+        common.download([f"http://127.0.0.1:{port}/file.bin"], dest, "0" * 64, timeout=5)
+    message = str(info.value)
+    assert f"http://127.0.0.1:{port}/file.bin" in message and "by hand" in message and "\n" not in message
+    assert not dest.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_dataset_downloads_into_the_data_dir(http_server, tmp_path, monkeypatch):
+    served, url = http_server
+    images, labels = tiny_digits(64, 0)
+    checksums = {}
+    for name, array in (("train-images-idx3-ubyte.gz", images), ("train-labels-idx1-ubyte.gz", labels)):
+        write_idx(served / name, array)
+        checksums[name] = hashlib.sha256((served / name).read_bytes()).hexdigest()
+    monkeypatch.setitem(common.SOURCES, "mnist", {"folder": "mnist", "mirrors": [url], "sha256": checksums,
+                                                  "system_dirs": []})
+    data = common.load_image_dataset("mnist", tmp_path, 28)
+    assert data.images.shape == (64, 1, 28, 28) and torch.equal(data.images[:, 0], torch.from_numpy(images))
+    assert (tmp_path / "mnist" / "train-images-idx3-ubyte.gz").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Archives and pickles
+# ---------------------------------------------------------------------------------------------------------------
+
+def _tar(path, members):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data, kind in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.type = len(data), kind
+            if kind == tarfile.SYMTYPE:
+                info.size, info.linkname = 0, "/etc/passwd"
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+@pytest.mark.parametrize("bad_name, kind", [("../escape.txt", tarfile.REGTYPE), ("/abs/escape.txt", tarfile.REGTYPE),
+                                            ("d/../../escape.txt", tarfile.REGTYPE), ("d/link", tarfile.SYMTYPE)])
+def test_tar_extraction_refuses_unsafe_members(tmp_path, bad_name, kind):
+    _tar(tmp_path / "a.tar.gz", [("d/good.txt", b"good", tarfile.REGTYPE), (bad_name, b"evil", kind)])
+    with pytest.raises(common.UserError, match="refusing archive"):
+        common.safe_extract(tmp_path / "a.tar.gz", ["d/good.txt"], tmp_path / "out")
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "out" / "d" / "good.txt").exists()
+
+
+def test_tar_extraction_takes_only_the_expected_members(tmp_path):
+    _tar(tmp_path / "a.tar.gz", [("d/good.txt", b"good", tarfile.REGTYPE), ("d/other.txt", b"x", tarfile.REGTYPE)])
+    common.safe_extract(tmp_path / "a.tar.gz", ["d/good.txt"], tmp_path / "out")
+    assert (tmp_path / "out" / "d" / "good.txt").read_bytes() == b"good"
+    assert not (tmp_path / "out" / "d" / "other.txt").exists()
+    with pytest.raises(common.UserError, match="missing d/absent"):
+        common.safe_extract(tmp_path / "a.tar.gz", ["d/absent"], tmp_path / "out")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo owned",))
+
+
+def test_restricted_unpickler_loads_arrays_and_refuses_anything_else():
+    batch = {b"data": np.arange(12, dtype=np.uint8).reshape(2, 6), b"labels": [1, 2]}
+    for protocol in (2, 4):
+        loaded = common.restricted_load(pickle.dumps(batch, protocol=protocol))
+        assert np.array_equal(loaded[b"data"], batch[b"data"]) and loaded[b"labels"] == [1, 2]
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system|refusing"):
+        common.restricted_load(pickle.dumps({"x": _Exploit()}))
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        common.restricted_load(pickle.dumps(collections_counter()))
+
+
+def collections_counter():
+    import collections
+    return collections.Counter("abc")
+
+
+def test_cifar10_download_extract_and_parse(http_server, tmp_path, monkeypatch):
+    """The official layout (pickled dicts of a uint8 array and a label list) round-trips through download, safe
+    extraction and the restricted unpickler; rows are R, G, B planes."""
+    served, url = http_server
+    rng = np.random.default_rng(0)
+    members = []
+    for name in common.CIFAR_MEMBERS["train"] + common.CIFAR_MEMBERS["test"]:
+        batch = {b"batch_label": b"x", b"data": rng.integers(0, 256, (5, 3072), dtype=np.uint8),
+                 b"labels": list(rng.integers(0, 10, 5)), b"filenames": [b"a.png"] * 5}
+        members.append((name, pickle.dumps(batch, protocol=2), tarfile.REGTYPE))
+    members.append(("cifar-10-batches-py/batches.meta", b"meta", tarfile.REGTYPE))
+    _tar(served / "cifar-10-python.tar.gz", members)
+    sha = hashlib.sha256((served / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
+    monkeypatch.setitem(common.SOURCES, "cifar10", {"folder": "cifar10", "mirrors": [url],
+                                                    "sha256": {"cifar-10-python.tar.gz": sha}, "system_dirs": []})
+    train = common.load_image_dataset("cifar10", tmp_path, 32)
+    test = common.load_image_dataset("cifar10", tmp_path, 32, "test")
+    assert train.images.shape == (25, 3, 32, 32) and test.images.shape == (5, 3, 32, 32)
+    first = pickle.loads(members[0][1])
+    assert torch.equal(train.images[0, 1].flatten(), torch.from_numpy(first[b"data"][0, 1024:2048]))
+    assert train.labels[:5].tolist() == [int(v) for v in first[b"labels"]] and train.num_classes == 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets and batching
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_mnist_like_data_padded_to_32_and_resized_otherwise(tiny_data_dir):
+    at28 = common.load_image_dataset("mnist", tiny_data_dir, 28)
+    at32 = common.load_image_dataset("mnist", tiny_data_dir, 32)
+    at16 = common.load_image_dataset("fashion-mnist", tiny_data_dir, 16, "test")
+    assert at28.images.shape == (512, 1, 28, 28) and at28.images.dtype == torch.uint8
+    assert torch.equal(at32.images[:, :, 2:30, 2:30], at28.images) and at32.images[:, :, :2].sum() == 0
+    assert at16.images.shape == (128, 1, 16, 16) and at16.labels.shape == (128,)
+    assert at28.labels.max() <= 9 and at28.num_classes == 10
+
+
+def test_stacked_mnist_has_three_digit_channels_and_1000_modes(tiny_data_dir):
+    digits = common.load_image_dataset("mnist", tiny_data_dir, 28)
+    stacked = common.load_image_dataset("stacked-mnist", tiny_data_dir, 28)
+    again = common.load_image_dataset("stacked-mnist", tiny_data_dir, 28)
+    assert stacked.images.shape == (common.STACKED_MNIST_SIZE["train"], 3, 28, 28) and stacked.num_classes == 1000
+    assert torch.equal(stacked.images, again.images)  # a fixed dataset, not a function of --seed
+    for i in range(5):  # every channel is one of the digits, and the label spells their classes
+        label = stacked.labels[i].item()
+        for channel, digit_class in enumerate((label // 100, label // 10 % 10, label % 10)):
+            matches = (digits.images[:, 0] == stacked.images[i, channel]).flatten(1).all(1).nonzero().flatten()
+            assert len(matches) and digit_class in digits.labels[matches].tolist()
+
+
+def test_folder_loader_skips_and_counts_non_images_and_caches(tmp_path, capsys):
+    root = tmp_path / "pictures"
+    (root / "cats").mkdir(parents=True)
+    (root / "dogs").mkdir()
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(root / "cats" / "a.png")
+    Image.new("RGB", (20, 30), (0, 255, 0)).save(root / "cats" / "b.jpg")
+    Image.new("L", (16, 16), 128).save(root / "dogs" / "c.webp")
+    (root / "dogs" / "notes.txt").write_text("not an image")
+    (root / "dogs" / "broken.png").write_bytes(b"\x89PNG broken")
+    data = common.load_image_dataset(f"folder:{root}", tmp_path / "data", 8)
+    assert data.images.shape == (3, 3, 8, 8) and data.labels.tolist() == [0, 0, 1] and data.num_classes == 2
+    assert data.images[0, 0].float().mean() > 250 and data.images[0, 1].float().mean() < 5  # red stays red
+    assert "3 images, 2 files skipped (1 not images, 1 unreadable)" in capsys.readouterr().err
+    cached = list((tmp_path / "data" / "folder-cache").glob("folder-*.npz"))
+    assert len(cached) == 1
+    again = common.load_image_dataset(f"folder:{root}", tmp_path / "data", 8)
+    assert torch.equal(again.images, data.images) and "images" not in capsys.readouterr().err  # from the cache
+
+
+def test_folder_loader_greyscale_and_errors(tmp_path):
+    (tmp_path / "grey").mkdir()
+    Image.new("L", (10, 10), 7).save(tmp_path / "grey" / "a.png")
+    data = common.load_image_dataset(f"folder:{tmp_path / 'grey'}", tmp_path / "d", 16)
+    assert data.images.shape == (1, 1, 16, 16) and data.labels is None and data.num_classes == 0
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.md").write_text("x")
+    with pytest.raises(common.UserError, match="no readable images"):
+        common.load_image_dataset(f"folder:{tmp_path / 'empty'}", tmp_path / "d", 16)
+    with pytest.raises(common.UserError, match="no such directory"):
+        common.load_image_dataset(f"folder:{tmp_path / 'nowhere'}", tmp_path / "d", 16)
+
+
+def test_missing_data_without_network_says_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(common.SOURCES, "mnist", {**common.SOURCES["mnist"], "mirrors": ["http://127.0.0.1:9/"]})
+    with pytest.raises(common.UserError, match=r"put it at .*mnist/train-images-idx3-ubyte.gz"):
+        common.load_image_dataset("mnist", tmp_path, 28)
+
+
+def test_batches_cover_each_epoch_once_and_resume_exactly():
+    data = common.ImageData(torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1), None, 0, "toy")
+    batches = common.ImageBatches(data, 4, seed=1, device=torch.device("cpu"))
+    epoch = torch.cat([batches.next()[0].flatten() for _ in range(5)])
+    assert sorted(epoch.tolist()) == list(range(20))
+    second = [batches.next()[0].flatten() for _ in range(2)]
+    state = batches.state_dict()
+    rest = [batches.next()[0].flatten() for _ in range(6)]
+    resumed = common.ImageBatches(data, 4, seed=1, device=torch.device("cpu"))
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, resumed.next()[0].flatten()) for a in rest)
+    assert not torch.equal(torch.cat(second), epoch[:8])  # a fresh permutation each epoch
+
+
+def test_batches_give_each_rank_its_own_shard():
+    data = common.ImageData(torch.arange(24, dtype=torch.uint8).view(24, 1, 1, 1), None, 0, "toy")
+    ranks = [common.ImageBatches(data, 3, seed=0, device=torch.device("cpu"), rank=r, world_size=2)
+             for r in range(2)]
+    seen = [torch.cat([b.next()[0].flatten() for _ in range(b.steps_per_epoch)]) for b in ranks]
+    assert set(seen[0].tolist()).isdisjoint(seen[1].tolist())
+    assert sorted(seen[0].tolist() + seen[1].tolist()) == list(range(24))
+
+
+def test_a_batch_bigger_than_the_dataset_is_a_user_error():
+    data = common.ImageData(torch.zeros(5, 1, 2, 2, dtype=torch.uint8), None, 0, "toy")
+    with pytest.raises(common.UserError, match="lower --batch-size"):
+        common.ImageBatches(data, 8, seed=0, device=torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logging, grids, plots
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_image_grid_layout_and_modes(tmp_path):
+    grey = torch.full((5, 1, 4, 6), 100, dtype=torch.uint8)
+    common.save_image_grid(grey, tmp_path / "g.png", nrow=3, padding=2)
+    image = Image.open(tmp_path / "g.png")
+    assert image.mode == "L" and image.size == (3 * 8 + 2, 2 * 6 + 2)
+    pixels = np.asarray(image)
+    assert pixels[2, 2] == 100 and pixels[0, 0] == 255 and pixels[-3, -3] == 255  # the 6th cell is empty
+    rgb = torch.zeros(4, 3, 5, 5, dtype=torch.uint8)
+    rgb[:, 0] = 255
+    assert common.image_grid(rgb).mode == "RGB" and common.image_grid(rgb).getpixel((3, 3)) == (255, 0, 0)
+    assert common.image_grid(torch.zeros(2, 4, 5, 5, dtype=torch.uint8)).mode == "L"
+    with pytest.raises(TypeError):
+        common.image_grid(torch.zeros(2, 1, 5, 5))
+
+
+def test_to_uint8_maps_tanh_range():
+    assert common.to_uint8(torch.tensor([-1.0, 0.0, 1.0, 3.0])).tolist() == [0, 128, 255, 255]
+
+
+def test_metrics_logger_means_progress_and_resume_truncation(tmp_path, capsys):
+    logger = common.MetricsLogger(tmp_path, total_steps=4, console_keys=("loss/d",))
+    for step, value in enumerate([1.0, 3.0, 5.0, 7.0], start=1):
+        logger.update({"loss/d": torch.tensor(value), "loss/g": value * 2})
+        if step % 2 == 0:
+            logger.log(step)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss/d"], r["loss/g"]) for r in lines] == [(2, 2.0, 4.0), (4, 6.0, 12.0)]
+    out = capsys.readouterr().out
+    assert "step 2/4 (50%)" in out and "ETA" in out and "loss/d 2" in out and "loss/g" not in out
+    common.MetricsLogger(tmp_path, total_steps=4, start_step=2)  # resuming from step 2 drops the later line
+    assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2]
+
+
+def test_plot_metrics_draws_curves(tmp_path):
+    rows = [{"step": s, "loss/d": 1 / s, "loss/g": s ** 0.5, "d/real": 0.5} for s in range(1, 50)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 49, "final": true}\n')
+    common.plot_metrics(tmp_path / "m.jsonl", tmp_path / "loss.png", ("loss/",), "title")
+    image = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB"))
+    colours = {tuple(c) for c in image.reshape(-1, 3)}
+    assert image.shape == (480, 900, 3) and common.PALETTE[0] in colours and common.PALETTE[1] in colours
+    assert common.PALETTE[2] not in colours  # d/real is not a loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_checkpoint_round_trip_restores_rng(tmp_path):
+    torch.manual_seed(5)
+    np.random.seed(5)
+    common.save_checkpoint(tmp_path / "c.pt", {"step": 3, "weights": torch.ones(2)})
+    expected = torch.rand(3), np.random.rand(2)
+    checkpoint = common.load_checkpoint(tmp_path / "c.pt")
+    common.restore_rng(checkpoint)
+    assert checkpoint["step"] == 3 and torch.equal(checkpoint["weights"], torch.ones(2))
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    common.save_checkpoint(path, {"step": 1})
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert common.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_corrupt_or_missing_checkpoint_is_a_user_error(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(common.UserError, match="not a readable checkpoint"):
+        common.load_checkpoint(tmp_path)
+    with pytest.raises(common.UserError, match="no checkpoint at"):
+        common.load_checkpoint(tmp_path / "nothing.pt")
+
+
+def test_checkpoints_refuse_pickled_code(tmp_path):
+    torch.save({"x": _Exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(common.UserError):
+        common.load_checkpoint(tmp_path / "evil.pt")

@@ -1,0 +1,439 @@
+"""dcgan.py: networks, losses and tricks on known inputs; training runs through main() and the command line."""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import common
+import dcgan
+from conftest import ROOT, real_idx_dir, write_idx
+
+TINY = dict(image_size=16, batch_size=16, g_width=8, d_width=8, z_dim=8, num_samples=64, log_every=2,
+            sample_every=2, checkpoint_every=2, max_steps=4, device="cpu")
+
+
+def tiny_args(data_dir, out, **overrides) -> dcgan.Args:
+    return dcgan.Args(**{"dataset": "mnist", "data_dir": str(data_dir), "out": str(out), **TINY, **overrides})
+
+
+def metrics_lines(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [16, 32, 64, 128])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_networks_work_at_every_power_of_two_size_and_channel_count(size, channels):
+    G = dcgan.Generator(z_dim=10, channels=channels, image_size=size, width=4)
+    D = dcgan.Discriminator(channels=channels, image_size=size, width=4)
+    images = G(torch.rand(3, 10) * 2 - 1)
+    assert images.shape == (3, channels, size, size) and images.abs().max() <= 1
+    assert D(images).shape == (3,)
+
+
+@pytest.mark.parametrize("size", [8, 24, 48, 256])
+def test_other_image_sizes_are_refused(size):
+    with pytest.raises(ValueError, match="power of two from 16 to 128"):
+        dcgan.Args(image_size=size)
+
+
+def test_weights_follow_the_dcgan_initialisation():
+    torch.manual_seed(0)
+    G = dcgan.Generator(100, 3, 64, 64)
+    conv = G.convs[1].weight
+    assert abs(conv.mean().item()) < 1e-3 and abs(conv.std().item() - 0.02) < 1e-3
+    assert abs(G.norms[1].bn.weight.mean().item() - 1) < 0.01
+
+
+def test_spectral_norm_bounds_the_top_singular_value():
+    torch.manual_seed(0)
+    D = dcgan.Discriminator(3, 32, 16, norm="none")
+    for conv in D.convs:
+        nn.init.normal_(conv.weight, 0, 1.0)  # large weights: sigma >> 1 before normalisation
+    dcgan.apply_spectral_norm(D)
+    x = torch.randn(8, 3, 32, 32)
+    for _ in range(30):  # power iteration advances once per training-mode forward pass
+        D(x)
+    D.eval()
+    for layer in list(D.convs) + [D.score]:
+        sigma = torch.linalg.matrix_norm(layer.weight.flatten(1), ord=2)
+        assert sigma <= 1.01 and sigma > 0.95
+
+
+def test_conditional_networks_depend_on_the_label():
+    torch.manual_seed(0)
+    G = dcgan.Generator(8, 1, 16, 8, num_classes=10, embed_dim=4).eval()
+    D = dcgan.Discriminator(1, 16, 8, num_classes=10)
+    for module in (G.norms[0].gain, D.embedding):
+        nn.init.normal_(module.weight, 0, 1)
+    z = torch.randn(1, 8).repeat(2, 1)
+    images = G(z, torch.tensor([3, 7]))
+    assert not torch.allclose(images[0], images[1])
+    scores = D(images[:1].repeat(2, 1, 1, 1), torch.tensor([3, 7]))
+    assert not torch.allclose(scores[0], scores[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses and tricks on known inputs
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_loss_values_on_known_scores():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-1.0, 0.0])
+    ones, zeros = torch.ones(2), torch.zeros(2)
+    softplus = lambda v: math.log1p(math.exp(v))
+    ns_d, _ = dcgan.discriminator_loss("ns", real, fake, ones, zeros)
+    expected = (softplus(-2) + softplus(-0.5)) / 2 + (softplus(-1) + softplus(0)) / 2  # -log s(r) - log(1 - s(f))
+    assert ns_d.item() == pytest.approx(expected, rel=1e-6)
+    hinge_d, _ = dcgan.discriminator_loss("hinge", real, fake, ones, zeros)
+    assert hinge_d.item() == pytest.approx((0 + 0.5) / 2 + (0 + 1) / 2)  # max(0, 1 - r) + max(0, 1 + f)
+    ls_d, _ = dcgan.discriminator_loss("lsgan", real, fake, ones, zeros)
+    assert ls_d.item() == pytest.approx(0.5 * (1 + 0.25) / 2 + 0.5 * (1 + 0) / 2)
+    w_d, _ = dcgan.discriminator_loss("wgan-gp", real, fake, ones, zeros)
+    assert w_d.item() == pytest.approx(-0.5 - 1.25)
+    assert dcgan.generator_loss("ns", fake)[0].item() == pytest.approx((softplus(1) + softplus(0)) / 2)
+    assert dcgan.generator_loss("hinge", fake)[0].item() == pytest.approx(0.5)
+    assert dcgan.generator_loss("lsgan", fake)[0].item() == pytest.approx(0.5 * (4 + 1) / 2)
+
+
+def test_label_smoothing_changes_only_the_real_target():
+    real, fake = torch.tensor([3.0]), torch.tensor([-3.0])
+    args = dcgan.Args(label_smoothing=0.1)
+    real_target, fake_target = dcgan.discriminator_targets(args, 1, torch.device("cpu"))
+    assert real_target.tolist() == pytest.approx([0.9]) and fake_target.tolist() == [0.0]
+    smooth, _ = dcgan.discriminator_loss("ns", real, fake, real_target, fake_target)
+    plain, _ = dcgan.discriminator_loss("ns", real, fake, torch.ones(1), torch.zeros(1))
+    assert smooth > plain  # a confident D is now penalised
+
+
+def test_noisy_and_flipped_labels():
+    torch.manual_seed(0)
+    real, fake = dcgan.discriminator_targets(dcgan.Args(noisy_labels=True), 10_000, torch.device("cpu"))
+    assert 0.7 <= real.min() and real.max() <= 1.2 and 0 <= fake.min() and fake.max() <= 0.3
+    real, fake = dcgan.discriminator_targets(dcgan.Args(label_flip=0.2), 10_000, torch.device("cpu"))
+    assert (real == 0).float().mean().item() == pytest.approx(0.2, abs=0.02)
+    assert (fake == 1).float().mean().item() == pytest.approx(0.2, abs=0.02)
+
+
+def test_gradient_penalties_on_a_linear_critic():
+    weight = torch.full((1, 1, 2, 2), 0.5)  # ||grad|| = ||w|| = 1 everywhere
+    critic = lambda x, labels=None: (x * weight).flatten(1).sum(1)
+    real, fake = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
+    assert dcgan.gradient_penalty(critic, real, fake, None).item() == pytest.approx(0, abs=1e-10)
+    double = lambda x, labels=None: 2 * critic(x)
+    assert dcgan.gradient_penalty(double, real, fake, None).item() == pytest.approx(1.0)  # (2 - 1)^2
+    x = real.clone().requires_grad_(True)
+    assert dcgan.r1_penalty(double(x), x).item() == pytest.approx(4.0)  # ||2w||^2
+
+
+def test_orthogonal_regularisation_is_zero_only_for_orthogonal_filters():
+    conv = nn.Conv2d(4, 3, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(4)[:3].view(3, 4, 1, 1) * 5)  # orthogonal filters, any norm
+    assert dcgan.orthogonal_regularisation(conv).item() == 0
+    with torch.no_grad():
+        conv.weight[1, 0] = 1.0  # filters 0 and 1 now overlap: <w0, w1> = 5
+    assert dcgan.orthogonal_regularisation(conv).item() == pytest.approx(2 * 25)
+
+
+def test_ema_update_follows_the_formula():
+    model, ema = nn.Linear(2, 1), nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        ema.weight.fill_(0.0)
+    dcgan.update_ema(ema, model, decay=0.999, step=0)  # ramp: d = min(0.999, 1 / 10)
+    assert ema.weight[0, 0].item() == pytest.approx(0.9)
+    dcgan.update_ema(ema, model, decay=0.5, step=10_000)
+    assert ema.weight[0, 0].item() == pytest.approx(0.95)
+
+
+def test_truncated_and_uniform_noise():
+    torch.manual_seed(0)
+    args = dcgan.Args(z_dist="normal", truncation=0.5)
+    assert dcgan.sample_z(args, 20_000, torch.device("cpu")).abs().max() > 3  # training draws the full prior
+    z = dcgan.sample_z(args, 20_000, torch.device("cpu"), truncation=args.truncation)
+    assert z.abs().max() <= 0.5 and z.std().item() == pytest.approx(0.2863, abs=0.01)  # std of N(0,1) | |z| < 0.5
+    u = dcgan.sample_z(dcgan.Args(), 20_000, torch.device("cpu"))
+    assert u.min() >= -1 and u.max() <= 1 and u.mean().abs() < 0.01
+
+
+def test_slerp_keeps_the_ends_and_the_radius():
+    z0, z1 = torch.randn(100), torch.randn(100)
+    z1 = z1 / z1.norm() * z0.norm()
+    path = dcgan.slerp(z0[None], z1[None], torch.linspace(0, 1, 5)[:, None])
+    assert torch.allclose(path[0], z0, atol=1e-5) and torch.allclose(path[-1], z1, atol=1e-5)
+    assert torch.allclose(path.norm(dim=1), z0.norm().expand(5), rtol=1e-4)
+
+
+def test_replay_buffer_mixes_old_fakes_and_fills_up():
+    torch.manual_seed(0)
+    buffer = dcgan.ReplayBuffer(capacity=6, fraction=0.5)
+    first = torch.zeros(4, 1, 2, 2)
+    assert torch.equal(buffer.mix(first), first) and len(buffer.images) == 4  # nothing stored yet to mix in
+    mixed = buffer.mix(torch.ones(4, 1, 2, 2))
+    assert mixed[:2].sum() == 0 and mixed[2:].min() == 1 and len(buffer.images) == 6
+    buffer.mix(torch.full((4, 1, 2, 2), 2.0))
+    assert len(buffer.images) == 6 and (buffer.images == 2).flatten(1).all(1).sum() == 2
+
+
+def test_health_warnings_catch_a_winning_discriminator_and_exploding_gradients():
+    args = dcgan.Args()
+    assert dcgan.health_warnings({"loss/d": 1.2, "d/fake": 0.3, "grad/d": 3, "grad/g": 5}, args) == []
+    assert "D wins" in dcgan.health_warnings({"loss/d": 0.01, "d/fake": 0.001}, args)[0]
+    assert "grad/g" in dcgan.health_warnings({"loss/d": 1.0, "d/fake": 0.4, "grad/g": 500}, args)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training through main()
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_a_run_writes_every_output(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    dcgan.main(tiny_args(tiny_data_dir, out, max_steps=0, epochs=1))  # one epoch: 512 // 16 = 32 steps
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "metrics.jsonl", "checkpoint.pt", "samples_32.png", "samples.npz", "loss.png",
+            "interpolations.png", "real_samples.png"} <= names
+    lines = metrics_lines(out)
+    assert lines[-1]["final"] and lines[-1]["step"] == 32 and "eval/nn_test_to_fake" in lines[-1]
+    assert [r["step"] for r in lines[:-1]] == list(range(2, 33, 2))
+    samples = np.load(out / "samples.npz")["images"]
+    assert samples.shape == (64, 1, 16, 16) and samples.dtype == np.uint8
+    assert Image.open(out / "interpolations.png").size == (10 * 18 + 2, 8 * 18 + 2)
+    assert json.loads((out / "config.json").read_text())["args"]["image_size"] == 16
+
+
+TRICKS = {
+    "label-smoothing": dict(label_smoothing=0.1), "noisy-labels": dict(noisy_labels=True),
+    "label-flip": dict(label_flip=0.1), "instance-noise": dict(instance_noise=0.2), "d-steps": dict(d_steps=2),
+    "replay": dict(replay_size=32), "spectral-norm": dict(spectral_norm=True),
+    "spectral-norm-g": dict(spectral_norm_g=True), "ema": dict(ema_decay=0.99), "ortho-reg": dict(ortho_reg=1e-4),
+    "truncation": dict(z_dist="normal", truncation=0.5), "conditional": dict(conditional=True),
+    "hinge": dict(loss="hinge"), "lsgan": dict(loss="lsgan", label_smoothing=0.1), "wgan-gp": dict(loss="wgan-gp"),
+    "r1": dict(r1=10.0), "d-norm-layer": dict(d_norm="layer"), "ttur-beta1-0": dict(lr_d=4e-4, beta1=0.0),
+    "biggan-style": dict(loss="hinge", spectral_norm=True, spectral_norm_g=True, ema_decay=0.999, ortho_reg=1e-4,
+                         conditional=True, z_dist="normal", truncation=1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(TRICKS))
+def test_every_trick_trains(name, tiny_data_dir, tmp_path):
+    out = tmp_path / name
+    dcgan.main(tiny_args(tiny_data_dir, out, **TRICKS[name]))
+    lines = metrics_lines(out)
+    assert all(math.isfinite(v) for r in lines for k, v in r.items() if isinstance(v, float))
+    assert lines[-1]["final"] and lines[-2]["step"] == 4
+    checkpoint = common.load_checkpoint(out)
+    assert checkpoint["step"] == 4 and checkpoint["args"] == dataclasses.asdict(tiny_args(tiny_data_dir, out,
+                                                                                          **TRICKS[name]))
+    if name == "wgan-gp":
+        assert "penalty/gp" in lines[0]
+    if name == "conditional":
+        assert np.load(out / "samples.npz")["labels"].shape == (64,)
+
+
+def test_same_seed_gives_identical_losses(tiny_data_dir, tmp_path):
+    for name in ("a", "b"):
+        dcgan.main(tiny_args(tiny_data_dir, tmp_path / name, deterministic=True))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    assert strip(metrics_lines(tmp_path / "a")) == strip(metrics_lines(tmp_path / "b"))
+    dcgan.main(tiny_args(tiny_data_dir, tmp_path / "c", deterministic=True, seed=1))
+    assert strip(metrics_lines(tmp_path / "a")) != strip(metrics_lines(tmp_path / "c"))
+
+
+STATEFUL = dict(replay_size=24, ema_decay=0.9, instance_noise=0.1, label_flip=0.1, conditional=True,
+                spectral_norm=True, d_norm="batch")
+
+
+@pytest.mark.parametrize("flags", [{}, STATEFUL], ids=["defaults", "stateful-tricks"])
+def test_resume_equals_an_uninterrupted_run(flags, tiny_data_dir, tmp_path):
+    """N steps, then resume for N more, is bit for bit the 2N-step run: weights, optimisers, EMA, replay buffer,
+    data order and every RNG continue exactly. 40 steps cross an epoch boundary (32 steps per epoch)."""
+    common_flags = dict(deterministic=True, epochs=2, checkpoint_every=0, sample_every=0, log_every=4, **flags)
+    dcgan.main(tiny_args(tiny_data_dir, tmp_path / "whole", max_steps=40, **common_flags))
+    dcgan.main(tiny_args(tiny_data_dir, tmp_path / "split", max_steps=20, **common_flags))
+    dcgan.main(tiny_args(tiny_data_dir, tmp_path / "split", max_steps=40, resume=str(tmp_path / "split"),
+                         **common_flags))
+    whole, split = common.load_checkpoint(tmp_path / "whole"), common.load_checkpoint(tmp_path / "split")
+    assert whole["step"] == split["step"] == 40 and whole["batches"] == split["batches"] == {"epoch": 1, "index": 8}
+
+    def assert_same(a, b, where):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys(), where
+            for key in a:
+                assert_same(a[key], b[key], f"{where}.{key}")
+        elif torch.is_tensor(a):
+            assert torch.equal(a, b), where
+        else:
+            assert a == b, where
+
+    assert_same(whole["gan"], split["gan"], "gan")
+    assert_same(whole["rng"][0]["torch"], split["rng"][0]["torch"], "rng")
+    # the training lines match; the split run also keeps the evaluation its first half ended with, at step 20
+    training = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows
+                             if not r.get("final")]
+    whole_lines, split_lines = metrics_lines(tmp_path / "whole"), metrics_lines(tmp_path / "split")
+    assert training(whole_lines) == training(split_lines) and len(training(whole_lines)) == 10
+    assert [r["step"] for r in split_lines if r.get("final")] == [20, 40]
+    assert whole_lines[-1] == split_lines[-1]
+
+
+def test_benchmark_prints_rates_and_writes_nothing(tiny_data_dir, tmp_path, capsys):
+    dcgan.main(tiny_args(tiny_data_dir, tmp_path / "bench", benchmark=True, benchmark_steps=2))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("benchmark |") and "real data:" in last and "synthetic:" in last
+    assert "steps/s" in last and "images/s" in last and "% of step time" in last
+    assert not (tmp_path / "bench").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad inputs: one line, non-zero exit, no traceback
+# ---------------------------------------------------------------------------------------------------------------
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(dcgan.main, dcgan.Args, argv)
+    err = capsys.readouterr().err
+    return exit_info.value.code, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size", "48"], "power of two"),
+    (["--loss", "hinge", "--label-smoothing", "0.1"], "does not have"),
+    (["--truncation", "0.5"], "--z-dist normal"),
+    (["--loss", "wgan-gp", "--d-norm", "batch"], "couples"),
+    (["--dataset", "imagenet"], "is not one of"),
+    (["--label-flip", "1.5"], "must be in [0, 1)"),
+    (["--lr-d", "-1"], "must be positive"),
+    (["--device", "tpu"], "invalid choice"),
+])
+def test_bad_flag_values(flags, message, capsys):
+    code, err = run_cli(flags, capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_data_errors_are_one_line(tiny_data_dir, tmp_path, capsys):
+    base = ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--max-steps", "1",
+            "--device", "cpu"]
+    corrupt = tmp_path / "data" / "mnist"
+    corrupt.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (corrupt / name).write_bytes((tiny_data_dir / "mnist" / name).read_bytes()[:300])  # truncated
+    cases = [
+        (["--dataset", "mnist"], "unreadable"),
+        (["--dataset", f"folder:{tmp_path / 'missing'}"], "no such directory"),
+        (["--dataset", f"folder:{tiny_data_dir / 'mnist'}"], "no readable images"),
+        (["--resume", str(tmp_path / "nothing")], "no checkpoint at"),
+    ]
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for i in range(40):
+        Image.new("L", (8, 8), i).save(grey / f"{i}.png")
+    cases.append((["--dataset", f"folder:{grey}", "--conditional", "--batch-size", "8"], "needs class labels"))
+    for flags, message in cases:
+        code, err = run_cli(base + flags, capsys)
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert code in (1, 2) and len(errors) == 1 and message in errors[0], (flags, err)
+        assert "Traceback" not in err
+
+
+def test_resuming_into_a_different_architecture_is_a_user_error(tiny_data_dir, tmp_path, capsys):
+    dcgan.main(tiny_args(tiny_data_dir, tmp_path / "run", max_steps=1))
+    code, err = run_cli(["--resume", str(tmp_path / "run"), "--g-width", "16"], capsys)
+    assert code == 1 and "does not fit this model" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line, Ctrl-C, torchrun
+# ---------------------------------------------------------------------------------------------------------------
+
+def cli(*args):
+    return [sys.executable, str(ROOT / "dcgan.py"), *args]
+
+
+def tiny_flags(data_dir, out, **overrides):
+    flags = {**TINY, "dataset": "mnist", "data_dir": data_dir, "out": out, **overrides}
+    return [part for key, value in flags.items() for part in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def test_command_line_help_explains_every_trick():
+    result = subprocess.run(cli("--help"), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Radford" in result.stdout and "--instance-noise" in result.stdout
+    helps = {option: action.help for action in common.build_parser(dcgan.Args)._actions
+             for option in action.option_strings}
+    for flag, source in [("--label-smoothing", "Salimans"), ("--instance-noise", "Sønderby"),
+                         ("--replay-size", "ganhacks #8"), ("--spectral-norm", "Miyato"),
+                         ("--ema-decay", "BigGAN"), ("--ortho-reg", "eq. 3"), ("--truncation", "BigGAN"),
+                         ("--conditional", "projection"), ("--r1", "Mescheder"), ("--d-steps", "Alg. 1"),
+                         ("--noisy-labels", "ganhacks #6"), ("--z-dist", "ganhacks #3")]:
+        assert source in helps[flag], (flag, helps[flag])
+        assert " ".join(helps[flag].split()) in " ".join(result.stdout.split())
+
+
+def test_command_line_run_and_ctrl_c_then_resume(tiny_data_dir, tmp_path):
+    out = tmp_path / "cli"
+    flags = tiny_flags(tiny_data_dir, out, max_steps=100_000, epochs=10_000, log_every=1, sample_every=0,
+                       checkpoint_every=0)
+    process = subprocess.Popen(cli(*flags), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if line.startswith("step 3/"):
+            break
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "checkpoint in" in stdout and "--resume" in stdout
+    step = common.load_checkpoint(out)["step"]
+    assert step >= 3
+    result = subprocess.run(cli("--resume", str(out), "--max-steps", str(step + 2)), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert common.load_checkpoint(out)["step"] == step + 2 and (out / "samples.npz").is_file()
+    assert [r["step"] for r in metrics_lines(out) if not r.get("final")][-3:] == [step, step + 1, step + 2]
+
+
+def test_torchrun_two_cpu_processes(tiny_data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "dcgan.py"),
+         *tiny_flags(tiny_data_dir, out, max_steps=3, batch_size=8)], capture_output=True, text=True, timeout=240,
+        env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2
+    assert result.stdout.count("step 3/3") == 1  # only rank 0 prints
+    checkpoint = common.load_checkpoint(out)
+    assert checkpoint["step"] == 3 and len(checkpoint["rng"]) == 2
+    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])  # seed + rank
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real data (skipped when absent)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "mnist"])
+def test_real_data_smoke_run(dataset, tmp_path):
+    data_dir = real_idx_dir(dataset)
+    if data_dir is None:
+        pytest.skip(f"{dataset} not found: set MINIGEN_DATA (or install Debian's dataset-fashion-mnist)")
+    out = tmp_path / dataset
+    dcgan.main(dcgan.Args(dataset=dataset, data_dir=str(data_dir), out=str(out), max_steps=5, batch_size=32,
+                          g_width=16, d_width=16, num_samples=256, log_every=5, device="cpu"))
+    final = metrics_lines(out)[-1]
+    assert final["final"] and math.isfinite(final["eval/nn_test_to_fake"])
+    real = np.asarray(Image.open(out / "real_samples.png"))
+    assert real.std() > 30  # real digits or garments, not a blank grid
