@@ -131,14 +131,16 @@ def build_parser(args_cls, prog=None) -> argparse.ArgumentParser:
     """argparse from a dataclass: kebab-case flags, help from the field comments, booleans as --x/--no-x."""
     module = sys.modules.get(args_cls.__module__)
     description = (inspect.getdoc(module) or "").split("\n\n")[0] if module else ""
-    parser = _OneLineErrorParser(prog=prog, description=description,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _OneLineErrorParser(prog=prog, description=description)
     hints = typing.get_type_hints(args_cls)
     helps = _field_comments(args_cls)
     for f in dataclasses.fields(args_cls):
         flag, tp = "--" + f.name.replace("_", "-"), hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs = dict(default=default, help=helps.get(f.name, " ") or " ", dest=f.name)
+        text = helps.get(f.name, "")
+        if "default" not in text and default not in ("", None):  # the comment may say it better, as for --out
+            text += f" (default: {default})"
+        kwargs = dict(default=default, help=text.replace("%", "%%").strip() or " ", dest=f.name)
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(tp) is typing.Literal:
@@ -182,7 +184,7 @@ def run_cli(main, args_cls, argv=None):
         if get_rank() == 0:
             print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError in newer releases
         if get_rank() == 0:
             print(f"{prog}: error: out of memory on {args.device}; lower --batch-size", file=sys.stderr)
         sys.exit(1)
@@ -246,9 +248,9 @@ def setup(args, model_name: str) -> Run:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.use_deterministic_algorithms(args.deterministic)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it before its first call
-        torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the shapes never change, so autotuning pays once
@@ -790,8 +792,13 @@ class MetricsLogger:
         self._sums, self._count = {}, 0
         self._last_time, self._last_step = time.time(), start_step
         if enabled and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= start_step:
+                        kept.append(line)
+                except json.JSONDecodeError:  # a line cut short when the previous run was killed mid-write
+                    continue
             atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
 
     def update(self, metrics: dict) -> None:

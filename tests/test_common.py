@@ -385,7 +385,9 @@ def test_metrics_logger_means_progress_and_resume_truncation(tmp_path, capsys):
     assert [(r["step"], r["loss/d"], r["loss/g"]) for r in lines] == [(2, 2.0, 4.0), (4, 6.0, 12.0)]
     out = capsys.readouterr().out
     assert "step 2/4 (50%)" in out and "ETA" in out and "loss/d 2" in out and "loss/g" not in out
-    common.MetricsLogger(tmp_path, total_steps=4, start_step=2)  # resuming from step 2 drops the later line
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss/d": 0.')  # a line cut short by a crash
+    common.MetricsLogger(tmp_path, total_steps=4, start_step=2)  # resuming from step 2 drops the later lines
     assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2]
 
 

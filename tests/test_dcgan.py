@@ -244,6 +244,28 @@ def test_every_trick_trains(name, tiny_data_dir, tmp_path):
         assert np.load(out / "samples.npz")["labels"].shape == (64,)
 
 
+def test_rgb_folder_with_class_subfolders_trains_conditionally(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, colour in (("red", 0), ("blue", 2)):
+        (tmp_path / "pictures" / name).mkdir(parents=True)
+        for i in range(24):
+            pixels = rng.integers(0, 60, (20, 24, 3), dtype=np.uint8)
+            pixels[..., colour] = 255
+            Image.fromarray(pixels).save(tmp_path / "pictures" / name / f"{i}.png")
+    out = tmp_path / "run"
+    dcgan.main(tiny_args(tmp_path / "data", out, dataset=f"folder:{tmp_path / 'pictures'}", conditional=True,
+                         batch_size=8))
+    samples = np.load(out / "samples.npz")
+    assert samples["images"].shape == (64, 3, 16, 16) and set(samples["labels"]) <= {0, 1}
+    assert Image.open(out / "samples_4.png").mode == "RGB"
+
+
+def test_stacked_mnist_trains(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    dcgan.main(tiny_args(tiny_data_dir, out, dataset="stacked-mnist", max_steps=2, log_every=1))
+    assert np.load(out / "samples.npz")["images"].shape == (64, 3, 16, 16)
+
+
 def test_same_seed_gives_identical_losses(tiny_data_dir, tmp_path):
     for name in ("a", "b"):
         dcgan.main(tiny_args(tiny_data_dir, tmp_path / name, deterministic=True))
@@ -288,6 +310,15 @@ def test_resume_equals_an_uninterrupted_run(flags, tiny_data_dir, tmp_path):
     assert training(whole_lines) == training(split_lines) and len(training(whole_lines)) == 10
     assert [r["step"] for r in split_lines if r.get("final")] == [20, 40]
     assert whole_lines[-1] == split_lines[-1]
+
+
+def test_compiled_run_trains_and_its_checkpoint_resumes_eagerly(tiny_data_dir, tmp_path):
+    """--compile compiles in place, so a compiled run's checkpoint has the eager model's keys (compiling takes most
+    of this test's time)."""
+    out = tmp_path / "compiled"
+    dcgan.main(tiny_args(tiny_data_dir, out, max_steps=2, compile=True, sample_every=0, num_samples=16))
+    dcgan.main(tiny_args(tiny_data_dir, out, max_steps=3, resume=str(out), sample_every=0, num_samples=16))
+    assert common.load_checkpoint(out)["step"] == 3
 
 
 def test_benchmark_prints_rates_and_writes_nothing(tiny_data_dir, tmp_path, capsys):
