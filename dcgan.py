@@ -29,8 +29,9 @@ Run it:
     torchrun --nproc_per_node=4 dcgan.py --dataset cifar10                 # one process per GPU (or CPU: gloo)
     python dcgan.py --resume runs/<folder>                                 # continue an interrupted run
 
-Result (README "Results"): `python dcgan.py` on 2 CPU cores takes about 10 minutes and draws recognisable
-Fashion-MNIST items; the default flags did not collapse on MNIST or Fashion-MNIST for seeds 0, 1, 2.
+Result (README "Results"): `python dcgan.py` takes 8-9 minutes on 2 CPU cores (4.5 steps/s) and draws
+recognisable Fashion-MNIST garments; with the default flags, no run collapsed on MNIST or Fashion-MNIST for seeds
+0, 1 and 2.
 """
 
 import copy
