@@ -23,7 +23,6 @@ import os
 import pickle
 import random
 import signal
-import socket
 import struct
 import sys
 import tarfile

@@ -17,7 +17,7 @@ from PIL import Image
 
 import common
 import dcgan
-from conftest import ROOT, real_idx_dir, write_idx
+from conftest import ROOT, real_idx_dir
 
 TINY = dict(image_size=16, batch_size=16, g_width=8, d_width=8, z_dim=8, num_samples=64, log_every=2,
             sample_every=2, checkpoint_every=2, max_steps=4, device="cpu")
