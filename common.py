@@ -57,7 +57,7 @@ class RunArgs:
     data_dir: str = dataclasses.field(default_factory=lambda: os.environ.get("MINIGEN_DATA") or "data")
     # where datasets live, as <data-dir>/<dataset>/<the source's file names> (default: $MINIGEN_DATA, else ./data)
     out: str = ""  # output folder (default: runs/<model>-<dataset>-<timestamp>; on --resume, the checkpoint's folder)
-    seed: int = 0  # seeds python, numpy and torch; rank r of a torchrun job uses seed + r for its noise and data
+    seed: int = 0  # seeds python, numpy and torch; under torchrun rank r draws its noise with seed + r
     device: typing.Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto picks cuda, then mps, then cpu
     batch_size: int = 128  # per process
     epochs: int = 1  # passes over the training set
@@ -509,8 +509,8 @@ IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz
 SOURCES = {
     "mnist": {
         "folder": "mnist",
-        "mirrors": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/",
-                    "http://yann.lecun.com/exdb/mnist/"],
+        "mirrors": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+                    "https://storage.googleapis.com/cvdf-datasets/mnist/", "http://yann.lecun.com/exdb/mnist/"],
         "sha256": {
             "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
             "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
@@ -701,23 +701,21 @@ def load_image_dataset(name: str, data_dir, image_size: int, split: str = "train
         dist.barrier()  # wait for rank 0 to download and extract
     try:
         if name in ("fashion-mnist", "mnist"):
-            images, labels = _load_idx_pair(name, split, data_dir)
-            class_names = list(range(10))
+            (images, labels), num_classes = _load_idx_pair(name, split, data_dir), 10
         elif name == "cifar10":
-            images, labels = _load_cifar10(split, data_dir)
-            class_names = list(range(10))
+            (images, labels), num_classes = _load_cifar10(split, data_dir), 10
         elif name == "stacked-mnist":
-            images, labels = _load_stacked_mnist(split, data_dir)
-            class_names = list(range(1000))
+            (images, labels), num_classes = _load_stacked_mnist(split, data_dir), 1000
         else:
             caches = [Path(data_dir) / "folder-cache"] + ([Path(cache_dir)] if cache_dir else [])
             images, labels, class_names = _load_folder(Path(name[len("folder:"):]), image_size, caches)
+            num_classes = len(class_names)
     finally:
         if dist.is_initialized() and get_rank() == 0:
             dist.barrier()
     tensor = resize_images(torch.from_numpy(np.ascontiguousarray(images)), image_size)
     label_tensor = torch.from_numpy(labels) if labels is not None else None
-    return ImageData(tensor, label_tensor, len(class_names) if labels is not None else 0, name)
+    return ImageData(tensor, label_tensor, num_classes if labels is not None else 0, name)
 
 
 class ImageBatches:
@@ -735,7 +733,9 @@ class ImageBatches:
         if self.steps_per_epoch == 0:
             raise UserError(f"{data.name} has {len(data.images)} images, fewer than one batch of "
                             f"{batch_size * world_size}; lower --batch-size")
-        on_device = device.type == "cpu" or (device.type == "cuda" and data.images.numel() < 0.25 * torch.cuda.mem_get_info(device)[0])
+        # on the GPU when the uint8 images take under a quarter of its free memory: no host transfer per batch
+        on_device = device.type == "cpu" or \
+            (device.type == "cuda" and data.images.numel() < 0.25 * torch.cuda.mem_get_info(device)[0])
         self.storage = device if on_device else torch.device("cpu")
         self.device = device
         self.images = data.images.to(self.storage)

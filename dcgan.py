@@ -210,8 +210,8 @@ class Discriminator(nn.Module):
         self.norms = nn.ModuleList([nn.Identity()])
         for w_in, w_out in zip(widths, widths[1:]):
             self.convs.append(nn.Conv2d(w_in, w_out, 4, 2, 1, bias=norm == "none"))  # halves H and W
-            self.norms.append(nn.BatchNorm2d(w_out) if norm == "batch" else
-                              nn.GroupNorm(1, w_out) if norm == "layer" else nn.Identity())  # GroupNorm(1) = LayerNorm over C, H, W
+            self.norms.append(nn.BatchNorm2d(w_out) if norm == "batch" else  # GroupNorm(1): LayerNorm over C, H, W
+                              nn.GroupNorm(1, w_out) if norm == "layer" else nn.Identity())
         self.score = nn.Conv2d(widths[-1], 1, 4, 1, 0)  # psi: (B, w, 4, 4) -> (B, 1, 1, 1)
         self.embedding = nn.Embedding(num_classes, widths[-1]) if num_classes else None
         self.apply(init_weights)
@@ -372,19 +372,19 @@ def recompute_batchnorm_statistics(generator: nn.Module, args: Args, num_classes
     """"Standing statistics" (BigGAN Appendix C): an EMA of the weights is not matched by the running BatchNorm
     statistics of the trained G, so measure them afresh with the averaged weights over fixed noise."""
     noise = torch.Generator(device=device).manual_seed(args.seed + 7)
-    for module in generator.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # a plain average over the batches below
+    batchnorms = [m for m in generator.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [m.momentum for m in batchnorms]
+    for module in batchnorms:
+        module.reset_running_stats()
+        module.momentum = None  # a plain average over the batches below
     generator.train()
     for _ in range(batches):
         z = sample_z(args, args.batch_size, device, noise, args.truncation)
         labels = torch.randint(num_classes, (args.batch_size,), device=device, generator=noise) if num_classes \
             else None
         generator(z, labels)
-    for module in generator.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = 0.1
+    for module, momentum in zip(batchnorms, momenta):
+        module.momentum = momentum
     generator.eval()
 
 
@@ -574,8 +574,8 @@ def evaluate(gan: GAN, sampler: nn.Module, args: Args, samples: torch.Tensor, tr
     metrics["eval/d_test"] = mean_score(test.images[:count], labelled(test))
     fake_labels = torch.randint(train.num_classes, (count,), device=device, generator=noise) \
         if args.conditional else None
-    metrics["eval/d_fake"] = mean_score(generate(sampler, sample_z(args, count, device, noise, args.truncation), fake_labels),
-                                        fake_labels)
+    z = sample_z(args, count, device, noise, args.truncation)
+    metrics["eval/d_fake"] = mean_score(generate(sampler, z, fake_labels), fake_labels)
     return metrics
 
 
