@@ -4,11 +4,12 @@ Nothing here knows about any model. A model file imports this module, declares i
 `RunArgs`, and ends with `common.run_cli(main, Args)`. Copy this file along with any one model file and it runs.
 
 Sections, in order: errors and arguments; run setup (device, seeds, AMP, torchrun/DDP, Ctrl-C); safe file I/O
-(atomic writes, downloads, archives, restricted unpickling); image datasets and batching; the metrics logger, image
-grids and loss plots; checkpoints.
+(atomic writes, downloads, archives, restricted unpickling); image datasets and batching; text datasets, the SeqGAN
+oracle and BLEU; the metrics logger, image grids and loss plots; checkpoints.
 """
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -31,6 +32,7 @@ import tokenize
 import typing
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -382,9 +384,10 @@ def sha256_of(path) -> str:
     return digest.hexdigest()
 
 
-def download(urls, dest, sha256: str, timeout: float = 60.0) -> Path:
-    """Fetch the first of `urls` that works into `dest`, checking its sha256. Written to a temporary file and renamed
-    only after the checksum matches, so a failure never leaves a partial or wrong file at `dest`."""
+def download(urls, dest, sha256: typing.Optional[str], timeout: float = 60.0) -> Path:
+    """Fetch the first of `urls` that works into `dest`, checking its sha256 (None: the source publishes no checksum;
+    the digest is printed instead). Written to a temporary file and renamed only after the checksum matches (and the
+    length is complete), so a failure never leaves a partial or wrong file at `dest`."""
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -409,12 +412,13 @@ def download(urls, dest, sha256: str, timeout: float = 60.0) -> Path:
             if total and done != total:
                 failures.append(f"{url}: connection closed after {done} of {total} bytes")
                 continue
-            if digest.hexdigest() != sha256:
+            if sha256 is not None and digest.hexdigest() != sha256:
                 failures.append(f"{url}: checksum mismatch (sha256 {digest.hexdigest()[:16]}…, "
                                 f"expected {sha256[:16]}…)")
                 continue
             os.replace(tmp, dest)
-            print(f"\rdownloaded {url} -> {dest} ({done / 2**20:.1f} MiB)", file=sys.stderr)
+            unpinned = "" if sha256 else f", sha256 {digest.hexdigest()} (the source publishes none)"
+            print(f"\rdownloaded {url} -> {dest} ({done / 2**20:.1f} MiB{unpinned})", file=sys.stderr)
             return dest
         except urllib.error.HTTPError as e:
             failures.append(f"{url}: HTTP {e.code}")
@@ -765,6 +769,464 @@ class ImageBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index, self._order = state["epoch"], state["index"], None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text datasets, the SeqGAN oracle, BLEU
+# ---------------------------------------------------------------------------------------------------------------
+
+# Where each text dataset comes from: file names as the sources publish them, in <data-dir>/<folder>/.
+TEXYGEN = "https://raw.githubusercontent.com/geek-ai/Texygen/3104e22ac75f3cc2070da2bf5e2da6d2bef149ad/data/"
+SEQGAN = "https://raw.githubusercontent.com/LantaoYu/SeqGAN/"
+SCRATCHGAN = "https://storage.googleapis.com/deepmind-scratchgan-data/"
+TEXT_SOURCES = {
+    # the COCO-captions split of Texygen, RelGAN and TextGAN (byte-identical files in all three)
+    "coco": {"folder": "coco-captions", "files": {
+        "train": [("image_coco.txt", TEXYGEN + "image_coco.txt",
+                   "2c0fd1f0f43aac6a9dc3926a535516ccf395de535e15ac1fd17cd569420736f5")],
+        "test": [("test_coco.txt", TEXYGEN + "testdata/test_coco.txt",
+                  "72e25c9fb4d2cd43182ac602c92f6ffc377762147f9709572943b0b09174bcae")]}},
+    # EMNLP2017 WMT News as ScratchGAN uses it (JSON lists of {"s": sentence, "t": titles}); the bucket publishes no
+    # checksums, so the sha256 of what was fetched is printed and kept beside the file (None: not pinned). Texygen's
+    # one-sentence-per-line files are taken instead when they are present.
+    "emnlp2017": {"folder": "emnlp2017-news", "files": {
+        "train": [("emnlp_news.txt", None, None), ("train.json", SCRATCHGAN + "train.json", None)],
+        "test": [("test_emnlp.txt", TEXYGEN + "testdata/test_emnlp.txt",
+                  "03c646d08f766f4140443db4419b1f0ee292bc0db514208873e9f2e166b95bd2"),
+                 ("test.json", SCRATCHGAN + "test.json", None)]}},
+    # SeqGAN's Chinese quatrains (16,394 poems, characters separated by spaces); one file, so a held-out split is cut
+    "poems": {"folder": "chinese-poems", "files": {
+        "all": [("shi.txt", TEXYGEN + "shi.txt",
+                 "ac03c5fbb07776f0e43cb1ccfc74732f5313ab3d832df81c8e0db327df35e666")]}},
+    # SeqGAN's oracle: its parameters (a list of 15 float32 arrays, pickled) and the 9,984 sequences it drew
+    "oracle": {"folder": "seqgan-oracle", "files": {
+        "params": [("target_params.npz", None, None),
+                   ("target_params_py3.pkl", SEQGAN + "e2b52fb6309851b14765290e8a972ccac09f1bec/save/"
+                    "target_params_py3.pkl", "5ac794a695dd6e0eb2bb689f3dfda55e4e0053e8c0399e6242630a95f1e60e8a")],
+        # real_data.txt (MLE_SeqGAN/save/ at commit 4152436) is used when present; else the oracle draws afresh
+        "train": [("real_data.txt", None, None)]}},
+}
+TEXT_DATASETS = ("oracle", "coco", "emnlp2017", "poems", "file:PATH")
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+# the oracle's arrays in the order of the pickled list (SeqGAN target_lstm.py), with their shapes
+ORACLE_KEYS = ("g_embeddings", "Wi", "Ui", "bi", "Wf", "Uf", "bf", "Wog", "Uog", "bog", "Wc", "Uc", "bc", "Wo", "bo")
+ORACLE_VOCAB, ORACLE_DIM, ORACLE_LENGTH = 5000, 32, 20
+HELD_OUT_FRACTION = 0.1  # test share cut from a source that has no test split (poems, file:PATH)
+
+
+def check_text_dataset(name: str) -> None:
+    """Raise ValueError (an argparse error from parse_args) for an unknown text dataset name."""
+    known = name in TEXT_DATASETS and name != "file:PATH"
+    if not (known or (name.startswith("file:") and len(name) > len("file:"))):
+        raise ValueError(f"--dataset {name!r} is not one of {', '.join(TEXT_DATASETS)}")
+
+
+def find_or_download_text(dataset: str, part: str, data_dir) -> Path:
+    """The first file of TEXT_SOURCES[dataset][part] present in <data-dir>/<folder>/, else the first downloadable."""
+    source = TEXT_SOURCES[dataset]
+    folder = Path(data_dir) / source["folder"]
+    candidates = source["files"][part]
+    for filename, _, _ in candidates:
+        if (folder / filename).is_file():
+            return folder / filename
+    if get_rank() != 0:
+        raise UserError(f"{folder} has no {part} file; rank 0 should have downloaded it")
+    names = " or ".join(name for name, _, _ in candidates)
+    failures = []
+    for filename, url, sha256 in candidates:
+        if url is None:
+            continue
+        try:
+            return download([url], folder / filename, sha256)
+        except UserError as e:
+            failures.append(str(e))
+    raise UserError(f"{folder} has no {names} and downloading failed ({'; '.join(failures)[:300]}); "
+                    f"put the file there or pass --data-dir")
+
+
+def read_lines(path) -> list:
+    """Non-empty lines of a UTF-8 text file, with trailing whitespace (the sources' padding spaces) stripped."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror})")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it or pass another file")
+    lines = [line.rstrip() for line in text.split("\n")]
+    return [line for line in lines if line]
+
+
+def _read_scratchgan_json(path) -> list:
+    try:
+        records = json.loads(Path(path).read_bytes().decode("utf-8"))
+        return [r["s"].strip() for r in records if r["s"].strip()]
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{path} is not ScratchGAN's JSON (a list of {{\"s\": sentence}}): {e}; delete it to "
+                        f"download it again")
+
+
+@dataclasses.dataclass
+class Vocabulary:
+    """Token <-> id. Ids 0-3 are PAD, BOS, EOS, UNK when `specials` (real text); the oracle's vocabulary is just the
+    ids 0..4999 as strings, with no specials: its token 0 is both the start input and an ordinary token."""
+    tokens: list
+    specials: bool = True
+
+    def __post_init__(self):
+        self.index = {token: i for i, token in enumerate(self.tokens)}
+
+    @classmethod
+    def build(cls, sentences: list, max_size: int = 0) -> "Vocabulary":
+        """From tokenised sentences: the most frequent tokens first (ties alphabetical), capped at max_size ids in
+        all (0: no cap); the rest become UNK."""
+        counts = collections.Counter(token for sentence in sentences for token in sentence)
+        ranked = sorted(counts, key=lambda token: (-counts[token], token))
+        specials = [PAD, BOS, EOS, UNK]
+        ranked = [t for t in ranked if t not in specials]
+        if max_size:
+            ranked = ranked[:max(0, max_size - len(specials))]
+        return cls(specials + ranked)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, tokens: list) -> list:
+        if not self.specials:
+            return [self.index[t] for t in tokens]
+        unk = self.index[UNK]
+        return [self.index.get(t, unk) for t in tokens]
+
+    def decode(self, ids) -> list:
+        """Ids to tokens, up to the first EOS (or PAD), for real text; every id for the oracle."""
+        out = []
+        for i in (ids.tolist() if torch.is_tensor(ids) else ids):
+            if self.specials and i in (0, 2):  # PAD, EOS end the sentence
+                break
+            if not (self.specials and i == 1):
+                out.append(self.tokens[i])
+        return out
+
+
+@dataclasses.dataclass
+class TextData:
+    train: torch.Tensor  # int64, N x T token ids: a sentence, then EOS, then PAD (real text); T tokens (oracle)
+    test: torch.Tensor  # int64, M x T, the held-out split, same layout
+    vocab: Vocabulary
+    start_token: int  # the generator's first input: BOS for real text, token 0 for the oracle (SeqGAN)
+    name: str
+    test_sentences: list  # the held-out split as token lists, before vocabulary capping (BLEU references)
+    oracle: typing.Optional["SeqGANOracle"] = None
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.shape[1]
+
+
+def tokenize_line(line: str, lower: bool = False) -> list:
+    """Whitespace tokens. The sources come tokenised (words and punctuation, or one Chinese character per token)."""
+    return (line.lower() if lower else line).split()
+
+
+def encode_sentences(sentences: list, vocab: Vocabulary, max_len: int) -> torch.Tensor:
+    """N x max_len ids: each sentence's ids, EOS, then PAD. Sentences must fit (max_len - 1 tokens at most)."""
+    out = torch.zeros(len(sentences), max_len, dtype=torch.int64)  # PAD = 0
+    for row, sentence in enumerate(sentences):
+        ids = vocab.encode(sentence) + [vocab.index[EOS]]
+        out[row, :len(ids)] = torch.tensor(ids)
+    return out
+
+
+def _held_out_split(sentences: list) -> tuple:
+    """A fixed split (the same for every seed, so test numbers compare across runs): HELD_OUT_FRACTION as test."""
+    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(20170204)).tolist()
+    count = max(1, round(HELD_OUT_FRACTION * len(sentences)))
+    return [sentences[i] for i in order[count:]], [sentences[i] for i in order[:count]]
+
+
+def load_text_dataset(name: str, data_dir, max_len: int = 0, vocab_size: int = 0, lower: bool = False,
+                      oracle: str = "paper", seed: int = 0, device="cpu") -> TextData:
+    """Load 'oracle', 'coco', 'emnlp2017', 'poems' or 'file:PATH'. Real text: whitespace tokens, a vocabulary from
+    the training split capped at vocab_size, sentences of up to max_len - 1 tokens plus EOS (0: room for the longest
+    sentence of either split; longer ones are dropped, and the count is printed). 'oracle' ignores those and uses
+    `oracle` ('paper' or 'random'), seeded by `seed` when random."""
+    try:
+        check_text_dataset(name)
+    except ValueError as e:
+        raise UserError(str(e))
+    if name == "oracle":
+        return _oracle_dataset(oracle, data_dir, seed, device)
+    if dist.is_initialized() and get_rank() != 0:
+        dist.barrier()  # wait for rank 0 to download
+    if name.startswith("file:"):
+        path = Path(name[len("file:"):])
+        if not path.is_file():
+            raise UserError(f"{path}: no such file; --dataset file:PATH needs a text file, one sentence per line")
+        train_lines, test_lines = _held_out_split(read_lines(path))
+    elif name == "poems":
+        train_lines, test_lines = _held_out_split(read_lines(find_or_download_text("poems", "all", data_dir)))
+    else:
+        splits = {}
+        for split in ("train", "test"):
+            path = find_or_download_text(name, split, data_dir)
+            splits[split] = _read_scratchgan_json(path) if path.suffix == ".json" else read_lines(path)
+        train_lines, test_lines = splits["train"], splits["test"]
+    if dist.is_initialized() and get_rank() == 0:
+        dist.barrier()
+    if not train_lines or not test_lines:
+        raise UserError(f"{name}: no sentences to train or test on; check the files in {data_dir}")
+    train = [tokenize_line(line, lower) for line in train_lines]
+    test = [tokenize_line(line, lower) for line in test_lines]
+    max_len = max_len or 1 + max(len(s) for s in train + test)
+    kept_train = [s for s in train if len(s) < max_len]
+    kept_test = [s for s in test if len(s) < max_len]
+    dropped = len(train) - len(kept_train) + len(test) - len(kept_test)
+    if dropped and get_rank() == 0:
+        print(f"{name}: dropped {dropped} sentences longer than {max_len - 1} tokens (--max-len)", file=sys.stderr)
+    if not kept_train or not kept_test:
+        raise UserError(f"{name}: no sentence fits in {max_len - 1} tokens; raise --max-len")
+    vocab = Vocabulary.build(kept_train, vocab_size)
+    return TextData(encode_sentences(kept_train, vocab, max_len), encode_sentences(kept_test, vocab, max_len),
+                    vocab, vocab.index[BOS], name, kept_test)
+
+
+def write_text_samples(path, lines: list) -> None:
+    """One sample per line, UTF-8, atomically."""
+    atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
+
+
+class TokenBatches:
+    """Minibatches of token rows by a random permutation per epoch; the same position/seed contract as
+    ImageBatches: (epoch, index) is the whole state, and every rank takes its slice of each global batch."""
+
+    def __init__(self, tokens: torch.Tensor, batch_size: int, seed: int, device: torch.device, rank: int = 0,
+                 world_size: int = 1):
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.steps_per_epoch = len(tokens) // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{len(tokens)} sequences are fewer than one batch of {batch_size * world_size}; "
+                            f"lower --batch-size")
+        self.tokens = tokens.to(device)
+        self.epoch, self.index, self._order = 0, 0, None
+
+    def next(self) -> torch.Tensor:
+        if self.index == self.steps_per_epoch:
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._order = torch.randperm(len(self.tokens), generator=generator).to(self.tokens.device)
+        start = (self.index * self.world_size + self.rank) * self.batch_size
+        self.index += 1
+        return self.tokens[self._order[start:start + self.batch_size]]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index, self._order = state["epoch"], state["index"], None
+
+
+class SeqGANOracle:
+    """SeqGAN's synthetic-data oracle ("target LSTM", Yu et al. 2017 §Synthetic Data Experiments): a fixed LSTM that
+    defines the true distribution of 20-token sequences over 5,000 tokens. Row vectors, as in target_lstm.py:
+
+        i = σ(x·Wi + h·Ui + bi)      f = σ(x·Wf + h·Uf + bf)      o = σ(x·Wog + h·Uog + bog)
+        c~ = tanh(x·Wc + h·Uc + bc)  c = f·c + i·c~               h = o·tanh(c)
+        logits = h·Wo + bo
+
+    with h = c = 0 at the start, the embedding of token 0 as the first input, and each drawn token's embedding as the
+    next input. Token 0 is also an ordinary token. float32 as in the original; NLLs are summed in float64."""
+
+    def __init__(self, params: dict, device="cpu", dtype=torch.float32):
+        missing = [k for k in ORACLE_KEYS if k not in params]
+        if missing:
+            raise UserError(f"oracle parameters lack {', '.join(missing)}; use the paper's target_params or "
+                            f"--oracle random")
+        self.p = {k: torch.as_tensor(np.asarray(params[k])).to(device=device, dtype=dtype) for k in ORACLE_KEYS}
+        vocab, dim = self.p["g_embeddings"].shape
+        if self.p["Wo"].shape != (dim, vocab) or self.p["Wi"].shape != (dim, dim):
+            raise UserError(f"oracle parameters have inconsistent shapes (embeddings {tuple((vocab, dim))}, "
+                            f"Wo {tuple(self.p['Wo'].shape)}); use the paper's target_params or --oracle random")
+        self.vocab_size, self.dim, self.seq_len, self.start_token = vocab, dim, ORACLE_LENGTH, 0
+        self.device = torch.device(device)
+
+    @classmethod
+    def random(cls, seed: int, vocab: int = ORACLE_VOCAB, dim: int = ORACLE_DIM, device="cpu") -> "SeqGANOracle":
+        """Parameters drawn from N(0, 1), as the paper initialised its oracle."""
+        generator = torch.Generator().manual_seed(seed)
+        shapes = {"g_embeddings": (vocab, dim), "Wo": (dim, vocab), "bo": (vocab,)}
+        params = {k: torch.randn(shapes.get(k, (dim,) if k.startswith("b") else (dim, dim)), generator=generator,
+                                 dtype=torch.float64) for k in ORACLE_KEYS}
+        return cls(params, device)
+
+    def _cell(self, x, h, c):
+        p = self.p
+        i = torch.sigmoid(x @ p["Wi"] + h @ p["Ui"] + p["bi"])
+        f = torch.sigmoid(x @ p["Wf"] + h @ p["Uf"] + p["bf"])
+        o = torch.sigmoid(x @ p["Wog"] + h @ p["Uog"] + p["bog"])
+        c_tilde = torch.tanh(x @ p["Wc"] + h @ p["Uc"] + p["bc"])
+        c = f * c + i * c_tilde
+        h = o * torch.tanh(c)
+        return h, c, h @ p["Wo"] + p["bo"]
+
+    @torch.no_grad()
+    def nll(self, tokens: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+        """Per-sequence mean NLL in nats per token, teacher-forced (SeqGAN's target_loss averages these)."""
+        out = []
+        for chunk in tokens.to(self.device).split(batch_size):
+            batch, length = chunk.shape
+            h = c = torch.zeros(batch, self.dim, dtype=self.p["Wi"].dtype, device=self.device)
+            x = self.p["g_embeddings"][torch.full((batch,), self.start_token, device=self.device)]
+            total = torch.zeros(batch, dtype=torch.float64, device=self.device)
+            for t in range(length):
+                h, c, logits = self._cell(x, h, c)
+                total -= torch.log_softmax(logits, -1).gather(1, chunk[:, t:t + 1]).squeeze(1).double()
+                x = self.p["g_embeddings"][chunk[:, t]]
+            out.append(total / length)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def sample(self, count: int, generator: torch.Generator, batch_size: int = 2048) -> torch.Tensor:
+        """count x 20 token ids drawn from the oracle with `generator` (on the oracle's device)."""
+        out = []
+        for start in range(0, count, batch_size):
+            batch = min(batch_size, count - start)
+            h = c = torch.zeros(batch, self.dim, dtype=self.p["Wi"].dtype, device=self.device)
+            x = self.p["g_embeddings"][torch.full((batch,), self.start_token, device=self.device)]
+            tokens = []
+            for _ in range(self.seq_len):
+                h, c, logits = self._cell(x, h, c)
+                # inverse-CDF draw: exact, and several times faster than torch.multinomial on 5,000 classes
+                cdf = torch.softmax(logits, -1).double().cumsum_(-1)
+                u = torch.rand(batch, 1, generator=generator, dtype=cdf.dtype, device=self.device) * cdf[:, -1:]
+                token = torch.searchsorted(cdf, u).squeeze(1).clamp_(max=self.vocab_size - 1)
+                tokens.append(token)
+                x = self.p["g_embeddings"][token]
+            out.append(torch.stack(tokens, 1))
+        return torch.cat(out)
+
+
+def load_oracle_params(data_dir) -> dict:
+    """The paper's oracle: target_params.npz (named arrays), else SeqGAN's pickle, found or downloaded, read with the
+    restricted unpickler (numpy arrays only; never a plain pickle.load on downloaded bytes) and cached as .npz."""
+    folder = Path(data_dir) / TEXT_SOURCES["oracle"]["folder"]
+    try:
+        path = find_or_download_text("oracle", "params", data_dir)
+    except UserError as e:
+        raise UserError(f"SeqGAN's oracle parameters are neither in {folder} nor downloadable ({str(e)[:200]}); "
+                        f"put target_params.npz there, or train against a fresh oracle with --oracle random")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                return {k: archive[k] for k in archive.files}
+        arrays = restricted_load(path.read_bytes(), encoding="latin1")
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is not a valid SeqGAN oracle parameter file ({str(e)[:120]}); delete it to "
+                        f"download it again, or use --oracle random")
+    if not (isinstance(arrays, list) and len(arrays) == len(ORACLE_KEYS)
+            and all(isinstance(a, np.ndarray) for a in arrays)):
+        raise UserError(f"{path} does not hold SeqGAN's list of {len(ORACLE_KEYS)} arrays; delete it to download "
+                        f"it again, or use --oracle random")
+    params = dict(zip(ORACLE_KEYS, arrays))
+    if get_rank() == 0:
+        try:
+            atomic_write(folder / "target_params.npz", lambda f: np.savez(f, **params))
+        except OSError:
+            pass  # a read-only data folder: the pickle is read again next time
+    return params
+
+
+def read_token_ids(path, vocab_size: int, length: int) -> torch.Tensor:
+    """A file of integer token ids, one sequence of `length` ids per line (SeqGAN's real_data.txt)."""
+    rows = []
+    for number, line in enumerate(read_lines(path), 1):
+        try:
+            ids = [int(v) for v in line.split()]
+        except ValueError:
+            raise UserError(f"{path}:{number}: not integer token ids; the file is damaged, delete it")
+        if len(ids) != length or min(ids) < 0 or max(ids) >= vocab_size:
+            raise UserError(f"{path}:{number}: expected {length} ids in [0, {vocab_size}); the file is damaged, "
+                            f"delete it")
+        rows.append(ids)
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+ORACLE_SEQUENCES = 9_984  # SeqGAN drew 156 batches of 64 from the oracle as its training set
+
+
+def _oracle_dataset(kind: str, data_dir, seed: int, device) -> TextData:
+    """Training sequences: for the paper's oracle, the 9,984 the authors drew (real_data.txt) when present; otherwise
+    9,984 fresh draws. The test split (NLL-test) is another 9,984 draws from a seed the training set never uses."""
+    if kind == "paper":
+        oracle = SeqGANOracle(load_oracle_params(data_dir), device)
+        folder = Path(data_dir) / TEXT_SOURCES["oracle"]["folder"]
+        real = folder / "real_data.txt"
+        train = read_token_ids(real, oracle.vocab_size, oracle.seq_len) if real.is_file() else None
+        stream = 0
+    elif kind == "random":
+        oracle, train, stream = SeqGANOracle.random(seed, device=device), None, seed
+    else:
+        raise UserError(f"--oracle {kind!r} is not one of paper, random")
+    draw = torch.Generator(device=oracle.device)
+    if train is None:
+        train = oracle.sample(ORACLE_SEQUENCES, draw.manual_seed(stream * 2 + 88)).cpu()
+    test = oracle.sample(ORACLE_SEQUENCES, draw.manual_seed(stream * 2 + 89)).cpu()
+    vocab = Vocabulary([str(i) for i in range(oracle.vocab_size)], specials=False)
+    return TextData(train, test, vocab, oracle.start_token, f"oracle-{kind}", [vocab.decode(s) for s in test],
+                    oracle)
+
+
+def _ngram_counts(tokens: list, n: int) -> collections.Counter:
+    return collections.Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def bleu(hypotheses: list, references: list, max_n: int = 4, exclude_self: bool = False) -> dict:
+    """Mean sentence BLEU-n for n = 2..max_n of each hypothesis against the whole reference set (Texygen's protocol,
+    Zhu et al. 2018): clipped n-gram precisions p_1..p_n with uniform weights, a zero count smoothed to 0.1 / total
+    (Chen & Cherry 2014 method 1, as nltk's method1), brevity penalty against the closest reference length, and 0 when
+    no unigram matches. Returns {n: score}.
+
+    exclude_self=True is self-BLEU: `references` must be `hypotheses` itself, and hypothesis i is scored against all
+    the others but never against itself. Texygen's self-BLEU counted each hypothesis in its own references, so a
+    unique sentence scored 1.0 against itself and the metric was inflated (github.com/geek-ai/Texygen/issues/43)."""
+    if exclude_self and len(references) != len(hypotheses):
+        raise ValueError("self-BLEU scores a set against itself: pass the same list twice")
+    if not hypotheses or len(references) < 1 + exclude_self:
+        raise ValueError("BLEU needs hypotheses and at least one reference (two sentences for self-BLEU)")
+    # for every n-gram: its highest count in one reference, which reference has it, and the highest in any other
+    best = [None] + [{} for _ in range(max_n)]
+    for r, reference in enumerate(references):
+        for n in range(1, max_n + 1):
+            table = best[n]
+            for gram, count in _ngram_counts(reference, n).items():
+                top, owner, second = table.get(gram, (0, -1, 0))
+                if count > top:
+                    table[gram] = (count, r, top)
+                elif count > second:
+                    table[gram] = (top, owner, count)
+    lengths = collections.Counter(len(r) for r in references)
+    totals = {n: 0.0 for n in range(2, max_n + 1)}
+    for h, hypothesis in enumerate(hypotheses):
+        own = h if exclude_self else -1
+        log_precisions = []
+        for n in range(1, max_n + 1):
+            counts = _ngram_counts(hypothesis, n)
+            matched = 0
+            for gram, count in counts.items():
+                top, owner, second = best[n].get(gram, (0, -1, 0))
+                matched += min(count, second if owner == own else top)
+            total = max(1, sum(counts.values()))
+            if n == 1 and matched == 0:
+                break  # no unigram in common: BLEU is 0 at every order
+            log_precisions.append(math.log((matched or 0.1) / total))
+        if len(log_precisions) < max_n:
+            continue
+        available = lengths - collections.Counter([len(hypothesis)] if exclude_self else [])
+        closest = min(available, key=lambda length: (abs(length - len(hypothesis)), length))
+        c = len(hypothesis)
+        brevity = 1.0 if c > closest else (math.exp(1 - closest / c) if c else 0.0)
+        for n in totals:
+            totals[n] += brevity * math.exp(sum(log_precisions[:n]) / n)
+    return {n: total / len(hypotheses) for n, total in totals.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
