@@ -1187,7 +1187,7 @@ def bleu(hypotheses: list, references: list, max_n: int = 4, exclude_self: bool 
 
     exclude_self=True is self-BLEU: `references` must be `hypotheses` itself, and hypothesis i is scored against all
     the others but never against itself. Texygen's self-BLEU counted each hypothesis in its own references, so a
-    unique sentence scored 1.0 against itself and the metric was inflated (github.com/geek-ai/Texygen/issues/43)."""
+    unique sentence scored 1.0 against itself and the metric was inflated (geek-ai/Texygen issues 27 and 46)."""
     if exclude_self and len(references) != len(hypotheses):
         raise ValueError("self-BLEU scores a set against itself: pass the same list twice")
     if not hypotheses or len(references) < 1 + exclude_self:
