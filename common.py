@@ -1250,7 +1250,7 @@ class MetricsLogger:
     def __init__(self, out: Path, total_steps: int, enabled: bool = True, start_step: int = 0, console_keys=()):
         self.path = Path(out) / "metrics.jsonl"
         self.total_steps, self.enabled, self.console_keys = total_steps, enabled, tuple(console_keys)
-        self._sums, self._count = {}, 0
+        self._sums, self._counts = {}, {}
         self._last_time, self._last_step = time.time(), start_step
         if enabled and self.path.exists():
             kept = []
@@ -1266,7 +1266,7 @@ class MetricsLogger:
         for key, value in metrics.items():
             value = value.detach().float() if torch.is_tensor(value) else float(value)
             self._sums[key] = self._sums[key] + value if key in self._sums else value
-        self._count += 1
+            self._counts[key] = self._counts.get(key, 0) + 1  # per key: steps may log different metrics
 
     def log(self, step: int, extra: typing.Optional[dict] = None) -> dict:
         """Means since the last call, plus `extra`, as a metrics line; returns them (on every rank)."""
@@ -1275,12 +1275,13 @@ class MetricsLogger:
         if keys:
             device = next((v.device for v in self._sums.values() if torch.is_tensor(v)), torch.device("cpu"))
             sums = torch.stack([torch.as_tensor(self._sums[k], dtype=torch.float32, device=device) for k in keys])
-            means = (sums / max(self._count, 1)).tolist()
+            counts = torch.tensor([self._counts[k] for k in keys], dtype=torch.float32, device=device)
+            means = (sums / counts).tolist()
         now = time.time()
         rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
         record = {"step": step, **{k: round(v, 6) for k, v in zip(keys, means)}, **(extra or {})}
         record["time/steps_per_s"] = round(rate, 3)
-        self._sums, self._count, self._last_time, self._last_step = {}, 0, now, step
+        self._sums, self._counts, self._last_time, self._last_step = {}, {}, now, step
         if self.enabled:
             self._append(record)
             eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
@@ -1358,8 +1359,9 @@ def _nice_ticks(lo: float, hi: float, count: int = 5):
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def plot_metrics(metrics_path, png_path, prefixes=("loss/",), title: str = "") -> None:
-    """Draw every metric whose name starts with one of `prefixes` against the step, with Pillow only."""
+def plot_metrics(metrics_path, png_path, prefixes=("loss/",), title: str = "", x_key: str = "step") -> None:
+    """Draw every metric whose name starts with one of `prefixes` against `x_key` (the step, or another number every
+    line carries, such as an epoch), with Pillow only."""
     rows = []
     for line in Path(metrics_path).read_text().splitlines():
         if line.strip():
@@ -1369,8 +1371,9 @@ def plot_metrics(metrics_path, png_path, prefixes=("loss/",), title: str = "") -
         if row.get("final"):
             continue
         for key, value in row.items():
-            if key.startswith(tuple(prefixes)) and isinstance(value, (int, float)) and math.isfinite(value):
-                series.setdefault(key, []).append((row["step"], float(value)))
+            if key.startswith(tuple(prefixes)) and isinstance(value, (int, float)) and math.isfinite(value) \
+                    and x_key in row:
+                series.setdefault(key, []).append((row[x_key], float(value)))
     width, height, left, right, top, bottom = 900, 480, 70, 20, 40, 50
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -1399,7 +1402,7 @@ def plot_metrics(metrics_path, png_path, prefixes=("loss/",), title: str = "") -
         px, _ = to_pixel(x, y_lo)
         draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
         draw.text((px - 12, height - bottom + 8), f"{x:g}", fill="black", font=font)
-    draw.text((width // 2 - 10, height - 20), "step", fill="black", font=font)
+    draw.text((width // 2 - 10, height - 20), x_key, fill="black", font=font)
     for i, (key, values) in enumerate(sorted(series.items())):
         colour = PALETTE[i % len(PALETTE)]
         pixels = [to_pixel(x, y) for x, y in values]

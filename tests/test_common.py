@@ -391,6 +391,15 @@ def test_metrics_logger_means_progress_and_resume_truncation(tmp_path, capsys):
     assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2]
 
 
+def test_metrics_logger_averages_each_metric_over_the_steps_that_reported_it(tmp_path):
+    logger = common.MetricsLogger(tmp_path, total_steps=4)
+    logger.update({"loss/d": 1.0})
+    logger.update({"loss/d": 3.0, "loss/g": 10.0})  # G trains on one step in two
+    logger.update({"loss/d": 5.0})
+    record = logger.log(3)
+    assert record["loss/d"] == 3.0 and record["loss/g"] == 10.0
+
+
 def test_plot_metrics_draws_curves(tmp_path):
     rows = [{"step": s, "loss/d": 1 / s, "loss/g": s ** 0.5, "d/real": 0.5} for s in range(1, 50)]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 49, "final": true}\n')
