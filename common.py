@@ -276,8 +276,15 @@ def setup(args, model_name: str) -> Run:
 
 
 def teardown() -> None:
+    """Leave the process group, all ranks together after a normal finish: a rank that tears down while another is
+    still in the last collective can abort the job under load (gloo: "terminate called without an active
+    exception"). After an error no barrier: the other ranks may be elsewhere, and waiting would hang."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if sys.exc_info()[0] is None:  # called from a `finally`: is an exception on its way out?
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def autocast(device: torch.device, enabled: bool):
