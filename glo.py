@@ -54,6 +54,7 @@ codes fitted with G frozen:
     python glo.py                                    0.0088 / 0.0026 / 0.0028      8 min 35 s
     python glo.py --fixed-latents                    0.0603 / 0.0175 / 0.0171      30 min 36 s (cores shared)
     python glo.py --dataset mnist                    0.0022 / 0.00057 / 0.00058    8 min 46 s
+    python glo.py --dataset mnist --fixed-latents    0.0513 / 0.0273 / 0.0278      7 min 49 s
 
 With fixed codes, G fits its own training images worse (0.060) than GLO's G fits unseen test images once their
 codes are searched for (0.0028). GLO's reconstructions of training and test images are sharp; with fixed codes the
