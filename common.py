@@ -729,6 +729,11 @@ def load_image_dataset(name: str, data_dir, image_size: int, split: str = "train
     return ImageData(tensor, label_tensor, num_classes if labels is not None else 0, name)
 
 
+def epoch_permutation(count: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of epoch `epoch`: drawn from (seed, epoch) alone, so (epoch, index) is a batcher's whole state."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 class ImageBatches:
     """Minibatches of uint8 images by random permutation, on the device when the data fits there.
 
@@ -755,8 +760,7 @@ class ImageBatches:
         self._order = None
 
     def _permutation(self) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(len(self.images), generator=generator).to(self.storage)
+        return epoch_permutation(len(self.images), self.seed, self.epoch).to(self.storage)
 
     def next(self):
         """(images uint8 B x C x H x W, labels int64 B or None) on the device."""
@@ -1019,8 +1023,7 @@ class TokenBatches:
         if self.index == self.steps_per_epoch:
             self.epoch, self.index, self._order = self.epoch + 1, 0, None
         if self._order is None:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._order = torch.randperm(len(self.tokens), generator=generator).to(self.tokens.device)
+            self._order = epoch_permutation(len(self.tokens), self.seed, self.epoch).to(self.tokens.device)
         start = (self.index * self.world_size + self.rank) * self.batch_size
         self.index += 1
         return self.tokens[self._order[start:start + self.batch_size]]
