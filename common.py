@@ -1448,13 +1448,15 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    # The generators take their state as a CPU ByteTensor, and a checkpoint loaded with map_location=cuda holds it
+    # on the GPU, hence .cpu().
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+    np.random.set_state(("MT19937", numpy["keys"].cpu().numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
                          numpy["gauss"]))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([generator_state.cpu() for generator_state in state["cuda"]])
 
 
 def save_checkpoint(path, state: dict) -> None:

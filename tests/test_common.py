@@ -414,14 +414,18 @@ def test_plot_metrics_draws_curves(tmp_path):
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_checkpoint_round_trip_restores_rng(tmp_path):
+@pytest.mark.parametrize("map_location", [
+    "cpu",
+    # the model files load checkpoints onto their device; the RNG states must still restore from there
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_checkpoint_round_trip_restores_rng(tmp_path, map_location):
     torch.manual_seed(5)
     np.random.seed(5)
     common.save_checkpoint(tmp_path / "c.pt", {"step": 3, "weights": torch.ones(2)})
     expected = torch.rand(3), np.random.rand(2)
-    checkpoint = common.load_checkpoint(tmp_path / "c.pt")
+    checkpoint = common.load_checkpoint(tmp_path / "c.pt", map_location=map_location)
     common.restore_rng(checkpoint)
-    assert checkpoint["step"] == 3 and torch.equal(checkpoint["weights"], torch.ones(2))
+    assert checkpoint["step"] == 3 and torch.equal(checkpoint["weights"].cpu(), torch.ones(2))
     assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
 
 
