@@ -230,6 +230,19 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+@contextlib.contextmanager
+def exact_float32():
+    """Matrix products and convolutions in full float32 inside the block. setup() turns TF32 on for CUDA training
+    (10 mantissa bits, ~1e-3 relative error per product); a likelihood that users compare with published tables is
+    evaluated without it. No effect on a CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -31,7 +31,8 @@ Data and bits/dim. Pixels are integers, so a density needs dequantisation (Glow 
 The D log 2^n term turns the density of x (bins of width 1/2^n) into a probability per bin. By Jensen's inequality
 the dequantised log-likelihood is a lower bound on the log-likelihood of the discrete pixels (Theis et al. 2016), so
 the bits/dim here are an upper bound on the discrete model's; every Jacobian term is included, and the likelihood is
-summed in float32 or float64 even under --amp (only the coupling networks run in bf16).
+summed in float32 or float64 even under --amp (only the coupling networks run in bf16); evaluations run with CUDA's
+TF32 off (common.exact_float32).
 
 Image size. MNIST-like digits are modelled at their own 28x28 (D = 784) by default: 28 -> 14 -> 7 allows L = 2
 levels. Padding to 32 px (as dcgan.py does, and as Glow's code does for MNIST, which also repeats the digit in three
@@ -440,10 +441,11 @@ def evaluate_bpd(flow: Glow, images: torch.Tensor, args: Args, device: torch.dev
     across steps and runs; summed in float64."""
     generator = torch.Generator(device=device).manual_seed(seed)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for chunk in images.split(args.eval_batch):
-        x = dequantize(chunk.to(device), args.n_bits, generator)
-        _, log_det, log_prior = flow(x)
-        total += bits_per_dim(log_prior + log_det, x[0].numel(), args.n_bits).double().sum()
+    with common.exact_float32():
+        for chunk in images.split(args.eval_batch):
+            x = dequantize(chunk.to(device), args.n_bits, generator)
+            _, log_det, log_prior = flow(x)
+            total += bits_per_dim(log_prior + log_det, x[0].numel(), args.n_bits).double().sum()
     return total.item() / len(images)
 
 

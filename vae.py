@@ -514,7 +514,8 @@ def evaluate(model: VAE, x: torch.Tensor, k: int, args: Args, prefix: str = "eva
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=x.device).manual_seed(args.seed + 13)
-    bounds, elbos, means = importance_weighted_bounds(model, x, k, args.eval_rows, generator, args.amp, progress)
+    with common.exact_float32():
+        bounds, elbos, means = importance_weighted_bounds(model, x, k, args.eval_rows, generator, args.amp, progress)
     model.train(was_training)
     nll = -bounds
     dims = math.prod(x.shape[1:])
