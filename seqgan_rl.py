@@ -55,11 +55,13 @@ Run it:
     python seqgan_rl.py --benchmark                      # steps/s of each part and the estimated time of a run
     python seqgan_rl.py --resume runs/<folder>           # continue an interrupted run
 
-Result: no full run yet. Targets (Yu et al. Table 1, NLL-oracle): random 10.310, MLE 9.038, SeqGAN 8.736; the
-official code's log: MLE 9.07 -> SeqGAN 8.68. Speed on 2 cores of an AMD EPYC, torch 2.13 CPU build, lightly shared:
-`python seqgan_rl.py --preset cpu --benchmark --benchmark-steps 10` gives MLE 26 steps/s, D 68 steps/s, an
-adversarial G step 0.99 s (rollouts 0.66 s, D scoring 0.30 s, update 0.03 s) and one evaluation 5.8 s: about
-21 minutes for the cpu preset. The paper's protocol comes to ~16-17 hours there, over 90% of it D training.
+Result on the paper's oracle (README "Results"; 2 cores of an AMD EPYC, torch 2.13 CPU, one thread per run, two
+runs side by side): `python seqgan_rl.py --preset cpu --seed S` for S = 0, 1, 2 ends at NLL-oracle 8.791, 8.754,
+8.819 (100,000 samples) in 17-18 minutes each; `--mle-only` at 9.005, 9.048, 9.021. Yu et al. (Table 1): random
+10.310, MLE 9.038, SeqGAN 8.736; the official code's README log: 9.07 after 120 MLE epochs, 8.68 after 150 rounds.
+The paper's protocol (`python seqgan_rl.py`) was not run: --benchmark puts it at ~17 hours on those 2 cores and
+~98 minutes on an H100. Per adversarial round of the cpu preset on the CPU: rollouts 1.1 s, D scoring 0.6 s, the G
+update 0.04 s, D training 2.7 s.
 """
 
 import copy
