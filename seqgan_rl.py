@@ -63,7 +63,7 @@ The paper's protocol (`python seqgan_rl.py`) was not run: --benchmark puts it at
 ~98 minutes on an H100. Per adversarial round of the cpu preset on the CPU: rollouts 1.1 s, D scoring 0.6 s, the G
 update 0.04 s, D training 2.7 s. Real text, seed 0, --preset cpu: BLEU-2 on COCO 0.710 with --mle-only and 0.748 with
 SeqGAN (Texygen's table: .731 and .745), at the cost of self-BLEU-2 0.664 -> 0.763; on the poems 0.590 -> 0.596
-(the paper: 0.667 -> 0.739, with a BLEU protocol that evidently differs).
+(the paper: 0.667 -> 0.739, with a BLEU protocol that probably differs).
 """
 
 import copy
