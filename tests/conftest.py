@@ -47,6 +47,14 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     return root
 
 
+def write_truncated_mnist(tiny_data_dir: Path, data_root: Path) -> None:
+    """<data_root>/mnist with the tiny training files cut to 300 bytes: data a model file must refuse in one line."""
+    corrupt = data_root / "mnist"
+    corrupt.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (corrupt / name).write_bytes((tiny_data_dir / "mnist" / name).read_bytes()[:300])
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass

@@ -17,7 +17,7 @@ from PIL import Image
 
 import common
 import flow
-from conftest import ROOT, real_idx_dir
+from conftest import ROOT, real_idx_dir, write_truncated_mnist
 
 TINY = dict(batch_size=16, levels=2, steps_per_level=2, width=8, init_batch=64, eval_batch=64, num_samples=32,
             log_every=2, sample_every=2, checkpoint_every=2, eval_every=0, warmup_steps=2, max_steps=4, device="cpu")
@@ -357,10 +357,7 @@ def test_bad_flag_values(flags, message, capsys):
 def test_data_errors_are_one_line(tiny_data_dir, tmp_path, capsys):
     base = ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--max-steps", "1",
             "--device", "cpu"]
-    corrupt = tmp_path / "data" / "mnist"
-    corrupt.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
-        (corrupt / name).write_bytes((tiny_data_dir / "mnist" / name).read_bytes()[:300])  # truncated
+    write_truncated_mnist(tiny_data_dir, tmp_path / "data")
     cases = [(["--dataset", "mnist"], "unreadable"),
              (["--dataset", f"folder:{tmp_path / 'missing'}"], "no such directory"),
              (["--resume", str(tmp_path / "nothing")], "no checkpoint at")]

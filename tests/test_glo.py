@@ -16,7 +16,7 @@ from PIL import Image
 
 import common
 import glo
-from conftest import ROOT, real_idx_dir
+from conftest import ROOT, real_idx_dir, write_truncated_mnist
 
 TINY = dict(image_size=16, batch_size=16, g_width=8, z_dim=8, num_samples=64, log_every=2, sample_every=2,
             checkpoint_every=2, max_steps=4, eval_images=20, eval_steps=3, device="cpu")
@@ -282,10 +282,7 @@ def test_bad_flag_values(flags, message, capsys):
 def test_data_and_checkpoint_errors_are_one_line(tiny_data_dir, tmp_path, capsys):
     glo.main(tiny_args(tiny_data_dir, tmp_path / "run", max_steps=1, eval_images=0))
     base = ["--data-dir", str(tiny_data_dir), "--device", "cpu", "--max-steps", "2"]
-    corrupt = tmp_path / "data" / "mnist"
-    corrupt.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
-        (corrupt / name).write_bytes((tiny_data_dir / "mnist" / name).read_bytes()[:300])  # truncated
+    write_truncated_mnist(tiny_data_dir, tmp_path / "data")
     cases = [
         (["--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "x")], "unreadable"),
         (["--resume", str(tmp_path / "nothing")], "no checkpoint at"),

@@ -16,7 +16,7 @@ from PIL import Image
 
 import common
 import vae
-from conftest import ROOT, real_idx_dir
+from conftest import ROOT, real_idx_dir, write_truncated_mnist
 
 TINY = dict(batch_size=16, hidden=16, z_dim=4, conv_width=4, num_samples=64, log_every=2, sample_every=2,
             checkpoint_every=2, max_steps=4, eval_k=20, eval_every_k=5, device="cpu")
@@ -325,10 +325,7 @@ def test_bad_flag_values(flags, message, capsys):
 def test_data_and_checkpoint_errors_are_one_line(tiny_data_dir, tmp_path, capsys):
     base = ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--max-steps", "1",
             "--device", "cpu"]
-    corrupt = tmp_path / "data" / "mnist"
-    corrupt.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
-        (corrupt / name).write_bytes((tiny_data_dir / "mnist" / name).read_bytes()[:300])  # truncated
+    write_truncated_mnist(tiny_data_dir, tmp_path / "data")
     vae.main(tiny_args(tiny_data_dir, tmp_path / "small", max_steps=1))
     cases = [
         (base + ["--dataset", "mnist"], "unreadable"),
