@@ -1,11 +1,17 @@
-"""minigen plumbing shared by the model files: arguments, devices, data, logging, checkpoints.
+"""minigen plumbing shared by the model files: arguments, runs, data, logging, checkpoints. Nothing here knows any model.
 
-Nothing here knows about any model. A model file imports this module, declares its `Args` as a subclass of
-`RunArgs`, and ends with `common.run_cli(main, Args)`. Copy this file along with any one model file and it runs.
+A model file declares its `Args` as a subclass of `RunArgs` and ends with `common.run_cli(main, Args)`; its `main` is
+`with common.session(args, name) as run: ...`. Copy this file along with any one model file and it runs.
 
-Sections, in order: errors and arguments; run setup (device, seeds, AMP, torchrun/DDP, Ctrl-C); safe file I/O
-(atomic writes, downloads, archives, restricted unpickling); image datasets and batching; text datasets, the SeqGAN
-oracle and BLEU; the metrics logger, image grids and loss plots; checkpoints.
+Contents, in order:
+  Errors and arguments     UserError, RunArgs, check_ranges, parse_args (--resume takes the saved flags), run_cli
+  Runs                     session (setup and restore), devices, seeds, AMP, torchrun (DDP by hand), StopRequest,
+                           Clock, benchmark_training
+  Safe file I/O            atomic writes, downloads with pinned checksums, tar extraction, restricted unpickling
+  Image datasets           MNIST, Fashion-MNIST, CIFAR-10, Stacked MNIST, image folders; Batches (images or tokens)
+  Text datasets            COCO, EMNLP2017 (two preprocessings, never mixed), poems, files; the SeqGAN oracle; BLEU
+  Metrics                  MetricsLogger, nearest-neighbour distances, image grids, loss plots
+  Checkpoints              save / load / RNG state, Checkpoints (the last good checkpoint, divergence, Ctrl-C)
 """
 
 import argparse
@@ -75,12 +81,19 @@ class RunArgs:
     benchmark_steps: int = 30  # timed steps per data source for --benchmark (after a few untimed warm-up steps)
 
     def __post_init__(self):
-        for name in ("batch_size", "epochs", "log_every", "benchmark_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "sample_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        check_ranges(self, at_least_1=("batch_size", "epochs", "log_every", "benchmark_steps"),
+                     at_least_0=("max_steps", "sample_every", "checkpoint_every"))
+
+
+def check_ranges(args, at_least_1=(), at_least_0=(), positive=(), fraction=()) -> None:
+    """Raise ValueError (parse_args turns it into an argparse error) for the first named flag out of its range;
+    fraction means [0, 1). Written so that NaN fails every rule."""
+    rules = ((at_least_1, lambda v: v >= 1, "be at least 1"), (at_least_0, lambda v: v >= 0, "be 0 or more"),
+             (positive, lambda v: v > 0, "be positive"), (fraction, lambda v: 0 <= v < 1, "be in [0, 1)"))
+    for names, holds, rule in rules:
+        for name in names:
+            if not holds(getattr(args, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must {rule}, got {getattr(args, name)}")
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -196,7 +209,7 @@ def run_cli(main, args_cls, argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Run setup: devices, seeds, AMP, compile, torchrun (DDP), Ctrl-C
+# Runs: session (setup and restore), devices, seeds, AMP, compile, torchrun (DDP), Ctrl-C, timing
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -230,6 +243,12 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def to_host_float64(t: torch.Tensor) -> torch.Tensor:
+    """t as float64 on the CPU, where sums and factorisations that need float64 are done: MPS has no float64 at
+    all, and these are small tensors (per-image totals, a covariance, a 1x1 convolution's matrix)."""
+    return t.detach().to("cpu", torch.float64)
+
+
 @contextlib.contextmanager
 def exact_float32():
     """Matrix products and convolutions in full float32 inside the block. setup() turns TF32 on for CUDA training
@@ -249,6 +268,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _process_state() -> dict:
+    """Everything setup() changes for the whole process, so that `import dcgan; dcgan.main(args)` leaves none of
+    it behind: kernel choices, TF32, CUBLAS_WORKSPACE_CONFIG and every global RNG."""
+    return {"deterministic": (torch.are_deterministic_algorithms_enabled(),
+                              torch.is_deterministic_algorithms_warn_only_enabled()),
+            "cudnn": (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+                      torch.backends.cudnn.allow_tf32),
+            "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG"), "rng": rng_state()}
+
+
+def _restore_process_state(state: dict) -> None:
+    torch.use_deterministic_algorithms(state["deterministic"][0], warn_only=state["deterministic"][1])
+    (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+     torch.backends.cudnn.allow_tf32) = state["cudnn"]
+    if state["cublas"] is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = state["cublas"]
+    set_rng_state(state["rng"])
+
+
+@contextlib.contextmanager
+def session(args, model_name: str):
+    """`with session(args, "dcgan") as run:` is a model's main(): setup() before, and after (errors and Ctrl-C
+    included) the process group left and the process-wide state setup() changed put back as it was."""
+    saved = _process_state()
+    try:
+        yield setup(args, model_name)
+    finally:
+        teardown()
+        _restore_process_state(saved)
+
+
 def setup(args, model_name: str) -> Run:
     """Start a run: join the torchrun group if there is one, pick the device, seed, make the output folder, write
     config.json. Under torchrun, rank r seeds with seed + r (different noise per rank); call `broadcast_module` after
@@ -261,7 +313,9 @@ def setup(args, model_name: str) -> Run:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # rank 0's evaluations during training (--eval-every) keep the others waiting at their next collective;
+        # NCCL's default 10 minutes would end the job. The final evaluation runs after the group is left (teardown).
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     torch.use_deterministic_algorithms(args.deterministic)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it before its first call
@@ -291,13 +345,30 @@ def setup(args, model_name: str) -> Run:
 def teardown() -> None:
     """Leave the process group, all ranks together after a normal finish: a rank that tears down while another is
     still in the last collective can abort the job under load (gloo: "terminate called without an active
-    exception"). After an error no barrier: the other ranks may be elsewhere, and waiting would hang."""
+    exception"). Model files call it right after their final checkpoint, so that rank 0 alone draws and evaluates
+    afterwards, with no rank waiting for it. After an error no barrier: the other ranks may be elsewhere."""
     if dist.is_available() and dist.is_initialized():
         try:
             if sys.exc_info()[0] is None:  # called from a `finally`: is an exception on its way out?
                 dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Under torchrun, rank 0 runs the block first (downloads, caches) and the other ranks after it, finding its
+    files. Rank 0 releases them even when it fails, so that they report the missing file instead of hanging."""
+    if not dist.is_initialized():
+        yield
+    elif get_rank() != 0:
+        dist.barrier()
+        yield
+    else:
+        try:
+            yield
+        finally:
+            dist.barrier()
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -336,6 +407,15 @@ def all_reduce_gradients(module: torch.nn.Module) -> None:
         g.copy_(chunk.view_as(g))
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True if `flag` is True on any rank, so that all ranks leave a loop at the same step."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM sets a flag that the training loop checks between steps, so the checkpoint it
     then writes is never from the middle of a step. A second Ctrl-C stops at once."""
@@ -366,11 +446,57 @@ class StopRequest:
 
     def __call__(self, device: torch.device) -> bool:
         """True if any rank was asked to stop (all ranks must leave the loop at the same step)."""
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.requested, device)
+
+
+class Clock:
+    """Seconds since the last call, with the device's queued work waited for, so that a split of time between the
+    parts of a step is true on a GPU too."""
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.sync()
+        self.last = time.perf_counter()
+
+    def __call__(self) -> float:
+        self.sync()
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
+def benchmark_training(train_step, real_batch, synthetic_batch, steps: int, device: torch.device,
+                       warmup: int = 3) -> dict:
+    """--benchmark: steps/s of `train_step(next_batch, step)` fed by real batches and by synthetic tensors of the
+    same shape, each timed after `warmup` untimed steps (allocator, cudnn autotuning, compilation), and the share of
+    the real run spent fetching batches (it should stay under 5%). Returns {"real", "synthetic", "fetch_share"}."""
+    clock, fetch = Clock(device), [0.0]
+
+    def timed_real_batch():
+        fetching = Clock(device)
+        batch = real_batch()
+        fetch[0] += fetching()
+        return batch
+
+    rates = {}
+    for name, next_batch in (("real", timed_real_batch), ("synthetic", synthetic_batch)):
+        for step in range(warmup):
+            train_step(next_batch, step)
+        clock()
+        fetch[0] = 0.0
+        for step in range(steps):
+            train_step(next_batch, step)
+        elapsed = clock()
+        rates[name] = steps / elapsed
+        if name == "real":
+            rates["fetch_share"] = fetch[0] / elapsed
+    return rates
+
+
+def format_rates(rates: dict, items_per_step: int, unit: str = "images") -> str:
+    return (f"real data: {rates['real']:.2f} steps/s, {rates['real'] * items_per_step:.0f} {unit}/s | synthetic: "
+            f"{rates['synthetic']:.2f} steps/s, {rates['synthetic'] * items_per_step:.0f} {unit}/s | data loading "
+            f"{100 * rates['fetch_share']:.1f}% of step time")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -394,14 +520,6 @@ def atomic_write(path, write) -> None:
 
 def atomic_write_bytes(path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
-
-
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download(urls, dest, sha256: typing.Optional[str], timeout: float = 60.0) -> Path:
@@ -458,6 +576,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
+        # protocol 5 (Python 3.14's default) writes an array as _frombuffer(buffer, dtype, shape, order)
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
         ("_codecs", "encode"),  # how Python 3 writes bytes in protocol 2 pickles: encode(str, "latin1")
     }
 
@@ -721,9 +841,7 @@ def load_image_dataset(name: str, data_dir, image_size: int, split: str = "train
         check_image_dataset(name)
     except ValueError as e:
         raise UserError(str(e))
-    if dist.is_initialized() and get_rank() != 0:
-        dist.barrier()  # wait for rank 0 to download and extract
-    try:
+    with rank_zero_first():
         if name in ("fashion-mnist", "mnist"):
             (images, labels), num_classes = _load_idx_pair(name, split, data_dir), 10
         elif name == "cifar10":
@@ -734,9 +852,6 @@ def load_image_dataset(name: str, data_dir, image_size: int, split: str = "train
             caches = [Path(data_dir) / "folder-cache"] + ([Path(cache_dir)] if cache_dir else [])
             images, labels, class_names = _load_folder(Path(name[len("folder:"):]), image_size, caches)
             num_classes = len(class_names)
-    finally:
-        if dist.is_initialized() and get_rank() == 0:
-            dist.barrier()
     tensor = resize_images(torch.from_numpy(np.ascontiguousarray(images)), image_size)
     label_tensor = torch.from_numpy(labels) if labels is not None else None
     return ImageData(tensor, label_tensor, num_classes if labels is not None else 0, name)
@@ -747,46 +862,38 @@ def epoch_permutation(count: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-class ImageBatches:
-    """Minibatches of uint8 images by random permutation, on the device when the data fits there.
+class Batches:
+    """Minibatches of the rows of one or more tensors of equal length (images and labels, or token rows), by a
+    random permutation per epoch, kept on the device when they fit there (no host transfer per batch).
 
     The permutation of epoch e is drawn from a generator seeded by (seed, e), so the position (epoch, batch index) is
     the whole state: a resumed run sees exactly the batches the uninterrupted run would have. Under torchrun each
     rank takes its own slice of every global batch. Partial last batches are dropped (BatchNorm dislikes tiny ones).
-    """
+    `next()` returns one batch per tensor, None where a tensor is None (an unlabelled dataset's labels)."""
 
-    def __init__(self, data: ImageData, batch_size: int, seed: int, device: torch.device, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(self, tensors: tuple, batch_size: int, seed: int, device: torch.device, rank: int = 0,
+                 world_size: int = 1, what: str = "rows"):
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.steps_per_epoch = len(data.images) // (batch_size * world_size)
+        count = len(tensors[0])
+        self.steps_per_epoch = count // (batch_size * world_size)
         if self.steps_per_epoch == 0:
-            raise UserError(f"{data.name} has {len(data.images)} images, fewer than one batch of "
-                            f"{batch_size * world_size}; lower --batch-size")
-        # on the GPU when the uint8 images take under a quarter of its free memory: no host transfer per batch
-        on_device = device.type == "cpu" or \
-            (device.type == "cuda" and data.images.numel() < 0.25 * torch.cuda.mem_get_info(device)[0])
-        self.storage = device if on_device else torch.device("cpu")
-        self.device = device
-        self.images = data.images.to(self.storage)
-        self.labels = data.labels.to(self.storage) if data.labels is not None else None
-        self.epoch, self.index = 0, 0
-        self._order = None
+            raise UserError(f"{count} {what} are fewer than one batch of {batch_size * world_size}; lower "
+                            f"--batch-size")
+        size = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        on_device = device.type != "cuda" or size < 0.25 * torch.cuda.mem_get_info(device)[0]
+        self.storage, self.device = (device if on_device else torch.device("cpu")), device
+        self.tensors = [t.to(self.storage) if t is not None else None for t in tensors]
+        self.epoch, self.index, self._order = 0, 0, None
 
-    def _permutation(self) -> torch.Tensor:
-        return epoch_permutation(len(self.images), self.seed, self.epoch).to(self.storage)
-
-    def next(self):
-        """(images uint8 B x C x H x W, labels int64 B or None) on the device."""
+    def next(self) -> tuple:
         if self.index == self.steps_per_epoch:
             self.epoch, self.index, self._order = self.epoch + 1, 0, None
         if self._order is None:
-            self._order = self._permutation()
+            self._order = epoch_permutation(len(self.tensors[0]), self.seed, self.epoch).to(self.storage)
         start = (self.index * self.world_size + self.rank) * self.batch_size
         idx = self._order[start:start + self.batch_size]
         self.index += 1
-        images = self.images[idx].to(self.device, non_blocking=True)
-        labels = self.labels[idx].to(self.device, non_blocking=True) if self.labels is not None else None
-        return images, labels
+        return tuple(t[idx].to(self.device, non_blocking=True) if t is not None else None for t in self.tensors)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -799,7 +906,9 @@ class ImageBatches:
 # Text datasets, the SeqGAN oracle, BLEU
 # ---------------------------------------------------------------------------------------------------------------
 
-# Where each text dataset comes from: file names as the sources publish them, in <data-dir>/<folder>/.
+# Where each text dataset comes from: file names as the sources publish them, in <data-dir>/<folder>/. A dataset's
+# splits are one unit, one preprocessing: a folder that holds some of them and not the others is refused, never
+# completed from another source.
 TEXYGEN = "https://raw.githubusercontent.com/geek-ai/Texygen/3104e22ac75f3cc2070da2bf5e2da6d2bef149ad/data/"
 SEQGAN = "https://raw.githubusercontent.com/LantaoYu/SeqGAN/"
 SCRATCHGAN = "https://storage.googleapis.com/deepmind-scratchgan-data/"
@@ -810,19 +919,21 @@ TEXT_SOURCES = {
                    "2c0fd1f0f43aac6a9dc3926a535516ccf395de535e15ac1fd17cd569420736f5")],
         "test": [("test_coco.txt", TEXYGEN + "testdata/test_coco.txt",
                   "72e25c9fb4d2cd43182ac602c92f6ffc377762147f9709572943b0b09174bcae")]}},
-    # EMNLP2017 WMT News as ScratchGAN uses it (JSON lists of {"s": sentence, "t": titles}); the bucket publishes no
-    # checksums, so the sha256 of what was fetched is printed and kept beside the file (None: not pinned). Texygen's
-    # one-sentence-per-line files are taken instead when they are present.
+    # EMNLP2017 WMT News as ScratchGAN preprocessed it (JSON lists of {"s": sentence, "t": titles}), with the valid
+    # split it evaluates on; DeepMind's bucket publishes no checksums, so the sha256 of a download is printed
     "emnlp2017": {"folder": "emnlp2017-news", "files": {
-        "train": [("emnlp_news.txt", None, None), ("train.json", SCRATCHGAN + "train.json", None)],
+        split: [(f"{split}.json", SCRATCHGAN + f"{split}.json", None)] for split in ("train", "valid", "test")}},
+    # the same corpus as Texygen, RelGAN and LeakGAN preprocessed it, one sentence per line (emnlp_news.txt's sha256
+    # is not published: its git blob is 538653e5f946b6f76e2b729c5aaa7507152354a3)
+    "emnlp2017-texygen": {"folder": "emnlp2017-news", "files": {
+        "train": [("emnlp_news.txt", TEXYGEN + "emnlp_news.txt", None)],
         "test": [("test_emnlp.txt", TEXYGEN + "testdata/test_emnlp.txt",
-                  "03c646d08f766f4140443db4419b1f0ee292bc0db514208873e9f2e166b95bd2"),
-                 ("test.json", SCRATCHGAN + "test.json", None)]}},
+                  "03c646d08f766f4140443db4419b1f0ee292bc0db514208873e9f2e166b95bd2")]}},
     # SeqGAN's Chinese quatrains (16,394 poems, characters separated by spaces); one file, so a held-out split is cut
     "poems": {"folder": "chinese-poems", "files": {
         "all": [("shi.txt", TEXYGEN + "shi.txt",
                  "ac03c5fbb07776f0e43cb1ccfc74732f5313ab3d832df81c8e0db327df35e666")]}},
-    # SeqGAN's oracle: its parameters (a list of 15 float32 arrays, pickled) and the 9,984 sequences it drew
+    # SeqGAN's oracle: its parameters (a list of 15 float32 arrays, pickled, or our .npz of them: the first found)
     "oracle": {"folder": "seqgan-oracle", "files": {
         "params": [("target_params.npz", None, None),
                    ("target_params_py3.pkl", SEQGAN + "e2b52fb6309851b14765290e8a972ccac09f1bec/save/"
@@ -830,7 +941,7 @@ TEXT_SOURCES = {
         # real_data.txt (MLE_SeqGAN/save/ at commit 4152436) is used when present; else the oracle draws afresh
         "train": [("real_data.txt", None, None)]}},
 }
-TEXT_DATASETS = ("oracle", "coco", "emnlp2017", "poems", "file:PATH")
+TEXT_DATASETS = ("oracle", "coco", "emnlp2017", "emnlp2017-texygen", "poems", "file:PATH")
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 # the oracle's arrays in the order of the pickled list (SeqGAN target_lstm.py), with their shapes
 ORACLE_KEYS = ("g_embeddings", "Wi", "Ui", "bi", "Wf", "Uf", "bf", "Wog", "Uog", "bog", "Wc", "Uc", "bc", "Wo", "bo")
@@ -866,6 +977,20 @@ def find_or_download_text(dataset: str, part: str, data_dir) -> Path:
             failures.append(str(e))
     raise UserError(f"{folder} has no {names} and downloading failed ({'; '.join(failures)[:300]}); "
                     f"put the file there or pass --data-dir")
+
+
+def text_unit(dataset: str, data_dir) -> dict:
+    """{split: path} for every split of `dataset`, all found in its folder or all downloaded. A folder holding only
+    some of them is refused: the missing split must come from the same preprocessing (where to get it is said)."""
+    folder = Path(data_dir) / TEXT_SOURCES[dataset]["folder"]
+    files = {split: entries[0] for split, entries in TEXT_SOURCES[dataset]["files"].items()}
+    present = [split for split, (name, _, _) in files.items() if (folder / name).is_file()]
+    if present and len(present) < len(files):
+        split, (name, url, _) = next((s, f) for s, f in files.items() if s not in present)
+        have = ", ".join(files[s][0] for s in present)
+        raise UserError(f"{folder} holds {have} of {dataset} but not {name}, its {split} split; get it from {url} "
+                        f"(the splits of one preprocessing are never mixed with another's)")
+    return {split: find_or_download_text(dataset, split, data_dir) for split in files}
 
 
 def read_lines(path) -> list:
@@ -940,10 +1065,26 @@ class TextData:
     name: str
     test_sentences: list  # the held-out split as token lists, before vocabulary capping (BLEU references)
     oracle: typing.Optional["SeqGANOracle"] = None
+    valid: typing.Optional[torch.Tensor] = None  # a validation split, where the source has one (emnlp2017)
+    valid_sentences: typing.Optional[list] = None
 
     @property
     def seq_len(self) -> int:
         return self.train.shape[1]
+
+    def scored(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The targets an NLL over held-out real text counts: the words and EOS, not the PAD after EOS, nor <unk>,
+        which stands for every word the training split lacks: the model was never trained to emit it there, so
+        counting it would add the out-of-vocabulary rate to the NLL. Every token of the oracle counts."""
+        if not self.vocab.specials:
+            return torch.ones_like(tokens, dtype=torch.bool)
+        return (tokens != self.vocab.index[PAD]) & (tokens != self.vocab.index[UNK])
+
+    def oov_rate(self, tokens: torch.Tensor) -> float:
+        """The share of the tokens before PAD (words and EOS) that are <unk>: what NLL-test leaves out."""
+        if not self.vocab.specials:
+            return 0.0
+        return ((tokens == self.vocab.index[UNK]).sum() / (tokens != self.vocab.index[PAD]).sum()).item()
 
 
 def tokenize_line(line: str, lower: bool = False) -> list:
@@ -969,48 +1110,42 @@ def _held_out_split(sentences: list) -> tuple:
 
 def load_text_dataset(name: str, data_dir, max_len: int = 0, vocab_size: int = 0, lower: bool = False,
                       oracle: str = "paper", seed: int = 0, device="cpu") -> TextData:
-    """Load 'oracle', 'coco', 'emnlp2017', 'poems' or 'file:PATH'. Real text: whitespace tokens, a vocabulary from
-    the training split capped at vocab_size, sentences of up to max_len - 1 tokens plus EOS (0: room for the longest
-    sentence of either split; longer ones are dropped, and the count is printed). 'oracle' ignores those and uses
-    `oracle` ('paper' or 'random'), seeded by `seed` when random."""
+    """Load 'oracle', 'coco', 'emnlp2017', 'emnlp2017-texygen', 'poems' or 'file:PATH'. Real text: whitespace
+    tokens, a vocabulary from the training split capped at vocab_size, sentences of up to max_len - 1 tokens plus
+    EOS (0: room for the longest sentence of any split; longer ones are dropped, and the count is printed). 'oracle'
+    ignores those and uses `oracle` ('paper' or 'random'), seeded by `seed` when random. Under torchrun, rank 0
+    downloads first while the others wait."""
     try:
         check_text_dataset(name)
     except ValueError as e:
         raise UserError(str(e))
-    if name == "oracle":
-        return _oracle_dataset(oracle, data_dir, seed, device)
-    if dist.is_initialized() and get_rank() != 0:
-        dist.barrier()  # wait for rank 0 to download
-    if name.startswith("file:"):
-        path = Path(name[len("file:"):])
-        if not path.is_file():
-            raise UserError(f"{path}: no such file; --dataset file:PATH needs a text file, one sentence per line")
-        train_lines, test_lines = _held_out_split(read_lines(path))
-    elif name == "poems":
-        train_lines, test_lines = _held_out_split(read_lines(find_or_download_text("poems", "all", data_dir)))
-    else:
-        splits = {}
-        for split in ("train", "test"):
-            path = find_or_download_text(name, split, data_dir)
-            splits[split] = _read_scratchgan_json(path) if path.suffix == ".json" else read_lines(path)
-        train_lines, test_lines = splits["train"], splits["test"]
-    if dist.is_initialized() and get_rank() == 0:
-        dist.barrier()
-    if not train_lines or not test_lines:
+    with rank_zero_first():
+        if name == "oracle":
+            return _oracle_dataset(oracle, data_dir, seed, device)
+        if name.startswith("file:"):
+            path = Path(name[len("file:"):])
+            if not path.is_file():
+                raise UserError(f"{path}: no such file; --dataset file:PATH needs a text file, one sentence per line")
+            splits = dict(zip(("train", "test"), _held_out_split(read_lines(path))))
+        elif name == "poems":
+            splits = dict(zip(("train", "test"), _held_out_split(read_lines(text_unit("poems", data_dir)["all"]))))
+        else:
+            splits = {split: _read_scratchgan_json(path) if path.suffix == ".json" else read_lines(path)
+                      for split, path in text_unit(name, data_dir).items()}
+    if not all(splits.values()):
         raise UserError(f"{name}: no sentences to train or test on; check the files in {data_dir}")
-    train = [tokenize_line(line, lower) for line in train_lines]
-    test = [tokenize_line(line, lower) for line in test_lines]
-    max_len = max_len or 1 + max(len(s) for s in train + test)
-    kept_train = [s for s in train if len(s) < max_len]
-    kept_test = [s for s in test if len(s) < max_len]
-    dropped = len(train) - len(kept_train) + len(test) - len(kept_test)
+    tokens = {split: [tokenize_line(line, lower) for line in lines] for split, lines in splits.items()}
+    max_len = max_len or 1 + max(len(s) for sentences in tokens.values() for s in sentences)
+    kept = {split: [s for s in sentences if len(s) < max_len] for split, sentences in tokens.items()}
+    dropped = sum(len(tokens[split]) - len(kept[split]) for split in tokens)
     if dropped and get_rank() == 0:
         print(f"{name}: dropped {dropped} sentences longer than {max_len - 1} tokens (--max-len)", file=sys.stderr)
-    if not kept_train or not kept_test:
+    if not all(kept.values()):
         raise UserError(f"{name}: no sentence fits in {max_len - 1} tokens; raise --max-len")
-    vocab = Vocabulary.build(kept_train, vocab_size)
-    return TextData(encode_sentences(kept_train, vocab, max_len), encode_sentences(kept_test, vocab, max_len),
-                    vocab, vocab.index[BOS], name, kept_test)
+    vocab = Vocabulary.build(kept["train"], vocab_size)
+    encoded = {split: encode_sentences(sentences, vocab, max_len) for split, sentences in kept.items()}
+    return TextData(encoded["train"], encoded["test"], vocab, vocab.index[BOS], name, kept["test"],
+                    valid=encoded.get("valid"), valid_sentences=kept.get("valid"))
 
 
 def write_text_samples(path, lines: list) -> None:
@@ -1018,34 +1153,14 @@ def write_text_samples(path, lines: list) -> None:
     atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
 
 
-class TokenBatches:
-    """Minibatches of token rows by a random permutation per epoch; the same position/seed contract as
-    ImageBatches: (epoch, index) is the whole state, and every rank takes its slice of each global batch."""
-
-    def __init__(self, tokens: torch.Tensor, batch_size: int, seed: int, device: torch.device, rank: int = 0,
-                 world_size: int = 1):
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.steps_per_epoch = len(tokens) // (batch_size * world_size)
-        if self.steps_per_epoch == 0:
-            raise UserError(f"{len(tokens)} sequences are fewer than one batch of {batch_size * world_size}; "
-                            f"lower --batch-size")
-        self.tokens = tokens.to(device)
-        self.epoch, self.index, self._order = 0, 0, None
-
-    def next(self) -> torch.Tensor:
-        if self.index == self.steps_per_epoch:
-            self.epoch, self.index, self._order = self.epoch + 1, 0, None
-        if self._order is None:
-            self._order = epoch_permutation(len(self.tokens), self.seed, self.epoch).to(self.tokens.device)
-        start = (self.index * self.world_size + self.rank) * self.batch_size
-        self.index += 1
-        return self.tokens[self._order[start:start + self.batch_size]]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index, self._order = state["epoch"], state["index"], None
+def inverse_cdf_sample(logits: torch.Tensor, generator: typing.Optional[torch.Generator] = None) -> torch.Tensor:
+    """One draw per row of softmax(logits) (n, V) -> (n,), by inverting the CDF: exact, and several times faster
+    than torch.multinomial over thousands of classes on a CPU. The CDF is summed in float64 on a CPU; on a GPU in
+    float32 (MPS has no float64), which moves a class's probability by ~1e-7 at most."""
+    dtype = torch.float64 if logits.device.type == "cpu" else torch.float32
+    cdf = torch.softmax(logits.float(), -1).to(dtype).cumsum_(-1)
+    u = torch.rand(len(cdf), 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=logits.shape[-1] - 1)
 
 
 class SeqGANOracle:
@@ -1057,20 +1172,24 @@ class SeqGANOracle:
         logits = h·Wo + bo
 
     with h = c = 0 at the start, the embedding of token 0 as the first input, and each drawn token's embedding as the
-    next input. Token 0 is also an ordinary token. float32 as in the original; NLLs are summed in float64."""
+    next input. Token 0 is also an ordinary token. float32 as in the original; NLLs are summed in float64 on the
+    CPU."""
 
     def __init__(self, params: dict, device="cpu", dtype=torch.float32):
         missing = [k for k in ORACLE_KEYS if k not in params]
         if missing:
             raise UserError(f"oracle parameters lack {', '.join(missing)}; use the paper's target_params or "
                             f"--oracle random")
-        self.p = {k: torch.as_tensor(np.asarray(params[k])).to(device=device, dtype=dtype) for k in ORACLE_KEYS}
+        self.p = {k: torch.as_tensor(np.asarray(params[k])).to(dtype).to(device) for k in ORACLE_KEYS}
         vocab, dim = self.p["g_embeddings"].shape
         if self.p["Wo"].shape != (dim, vocab) or self.p["Wi"].shape != (dim, dim):
             raise UserError(f"oracle parameters have inconsistent shapes (embeddings {tuple((vocab, dim))}, "
                             f"Wo {tuple(self.p['Wo'].shape)}); use the paper's target_params or --oracle random")
         self.vocab_size, self.dim, self.seq_len, self.start_token = vocab, dim, ORACLE_LENGTH, 0
         self.device = torch.device(device)
+
+    def to(self, device) -> "SeqGANOracle":
+        return SeqGANOracle({k: v.cpu() for k, v in self.p.items()}, device, self.p["Wi"].dtype)
 
     @classmethod
     def random(cls, seed: int, vocab: int = ORACLE_VOCAB, dim: int = ORACLE_DIM, device="cpu") -> "SeqGANOracle":
@@ -1099,10 +1218,10 @@ class SeqGANOracle:
             batch, length = chunk.shape
             h = c = torch.zeros(batch, self.dim, dtype=self.p["Wi"].dtype, device=self.device)
             x = self.p["g_embeddings"][torch.full((batch,), self.start_token, device=self.device)]
-            total = torch.zeros(batch, dtype=torch.float64, device=self.device)
+            total = torch.zeros(batch, dtype=torch.float64)
             for t in range(length):
                 h, c, logits = self._cell(x, h, c)
-                total -= torch.log_softmax(logits, -1).gather(1, chunk[:, t:t + 1]).squeeze(1).double()
+                total -= to_host_float64(torch.log_softmax(logits, -1).gather(1, chunk[:, t:t + 1]).squeeze(1))
                 x = self.p["g_embeddings"][chunk[:, t]]
             out.append(total / length)
         return torch.cat(out)
@@ -1118,10 +1237,7 @@ class SeqGANOracle:
             tokens = []
             for _ in range(self.seq_len):
                 h, c, logits = self._cell(x, h, c)
-                # inverse-CDF draw: exact, and several times faster than torch.multinomial on 5,000 classes
-                cdf = torch.softmax(logits, -1).double().cumsum_(-1)
-                u = torch.rand(batch, 1, generator=generator, dtype=cdf.dtype, device=self.device) * cdf[:, -1:]
-                token = torch.searchsorted(cdf, u).squeeze(1).clamp_(max=self.vocab_size - 1)
+                token = inverse_cdf_sample(logits, generator)
                 tokens.append(token)
                 x = self.p["g_embeddings"][token]
             out.append(torch.stack(tokens, 1))
@@ -1178,24 +1294,26 @@ ORACLE_SEQUENCES = 9_984  # SeqGAN drew 156 batches of 64 from the oracle as its
 
 def _oracle_dataset(kind: str, data_dir, seed: int, device) -> TextData:
     """Training sequences: for the paper's oracle, the 9,984 the authors drew (real_data.txt) when present; otherwise
-    9,984 fresh draws. The test split (NLL-test) is another 9,984 draws from a seed the training set never uses."""
+    9,984 fresh draws. The test split (NLL-test) is another 9,984 draws from a seed the training set never uses.
+    Both are drawn on the CPU, so that a run on any device is scored on the same sequences; then the oracle moves to
+    the device, where it scores samples (NLL-oracle)."""
     if kind == "paper":
-        oracle = SeqGANOracle(load_oracle_params(data_dir), device)
+        oracle = SeqGANOracle(load_oracle_params(data_dir))
         folder = Path(data_dir) / TEXT_SOURCES["oracle"]["folder"]
         real = folder / "real_data.txt"
         train = read_token_ids(real, oracle.vocab_size, oracle.seq_len) if real.is_file() else None
         stream = 0
     elif kind == "random":
-        oracle, train, stream = SeqGANOracle.random(seed, device=device), None, seed
+        oracle, train, stream = SeqGANOracle.random(seed), None, seed
     else:
         raise UserError(f"--oracle {kind!r} is not one of paper, random")
-    draw = torch.Generator(device=oracle.device)
+    draw = torch.Generator()
     if train is None:
-        train = oracle.sample(ORACLE_SEQUENCES, draw.manual_seed(stream * 2 + 88)).cpu()
-    test = oracle.sample(ORACLE_SEQUENCES, draw.manual_seed(stream * 2 + 89)).cpu()
+        train = oracle.sample(ORACLE_SEQUENCES, draw.manual_seed(stream * 2 + 88))
+    test = oracle.sample(ORACLE_SEQUENCES, draw.manual_seed(stream * 2 + 89))
     vocab = Vocabulary([str(i) for i in range(oracle.vocab_size)], specials=False)
     return TextData(train, test, vocab, oracle.start_token, f"oracle-{kind}", [vocab.decode(s) for s in test],
-                    oracle)
+                    oracle.to(device))
 
 
 def _ngram_counts(tokens: list, n: int) -> collections.Counter:
@@ -1331,6 +1449,31 @@ class MetricsLogger:
     def print(self, message: str) -> None:
         if self.enabled:
             print(message, flush=True)
+
+
+@torch.no_grad()
+def nearest_neighbour_distances(samples: torch.Tensor, train: torch.Tensor, test: torch.Tensor, device,
+                                seed: int, count: int = 2000) -> dict:
+    """What can be measured of uint8 samples without a pretrained network: mean distances (RMS per pixel on the
+    [0, 1] scale, at 32x32 at most) from `count` test images to their nearest sample (far above the same distance to
+    as many training images: missing modes), to those training images, and from `count` samples to the training
+    images (near 0: G copies them). The test and training images are random subsets drawn from `seed`."""
+    order = lambda n, s: torch.randperm(n, generator=torch.Generator().manual_seed(s))  # noqa: E731
+
+    def pixels(images):
+        images = images.to(device).float() / 255
+        return (F.interpolate(images, size=(32, 32), mode="area") if images.shape[-1] > 32 else images).flatten(1)
+
+    def mean_nearest_distance(queries, keys):
+        nearest = torch.cat([torch.cdist(q, keys).min(dim=1).values for q in queries.split(500)])
+        return (nearest / math.sqrt(keys.shape[1])).mean().item()
+
+    fakes = pixels(samples)
+    test_images = pixels(test[order(len(test), seed)[:count].to(test.device)])
+    train_pool = pixels(train[order(len(train), seed + 1)[:len(samples)].to(train.device)])
+    return {"eval/nn_test_to_fake": mean_nearest_distance(test_images, fakes),
+            "eval/nn_test_to_train": mean_nearest_distance(test_images, train_pool),
+            "eval/nn_fake_to_train": mean_nearest_distance(fakes[:count], train_pool)}
 
 
 def image_grid(images: torch.Tensor, nrow: typing.Optional[int] = None, padding: int = 2) -> Image.Image:
@@ -1501,3 +1644,64 @@ def restore_rng(checkpoint: dict, rank: int = 0, fallback_seed: int = 0) -> None
         set_rng_state(states[rank])
     else:
         seed_everything(fallback_seed + rank)
+
+
+def state_dicts(parts: dict) -> dict:
+    """{name: part.state_dict()} for the networks, optimisers and other stateful parts of a model (None stays None:
+    a trick that is off)."""
+    return {name: None if part is None else part.state_dict() for name, part in parts.items()}
+
+
+def load_state_dicts(parts: dict, state: dict) -> None:
+    """The inverse of state_dicts; a part that is on in the run but off in the checkpoint, or the reverse, is a
+    ValueError (resume turns it into the one-line 'does not fit' error)."""
+    for name, part in parts.items():
+        if (part is None) != (state[name] is None):
+            raise ValueError(f"{name} is {'off' if part is None else 'on'} here but not in the checkpoint")
+        if part is not None:
+            part.load_state_dict(state[name])
+
+
+def resume(args, run: Run, load_state) -> dict:
+    """--resume: load the checkpoint onto the device, hand it to load_state(checkpoint) (the model's own state
+    dicts), restore this rank's RNG and return it. A checkpoint of another architecture is a one-line error."""
+    checkpoint = load_checkpoint(args.resume, map_location=run.device)
+    try:
+        load_state(checkpoint)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UserError(f"{args.resume} does not fit this model ({str(e).splitlines()[0][:120]}); resume with the "
+                        f"flags and dataset it was trained with")
+    restore_rng(checkpoint, run.rank, args.seed)
+    return checkpoint
+
+
+class Checkpoints:
+    """A run's checkpoint.pt and the ways a run ends early. `save` refuses non-finite weights, so that a run that
+    diverged keeps its last good checkpoint, which `diverged` (a one-line error) names; `stop` is Ctrl-C: save,
+    print the resume command, exit with 130."""
+
+    def __init__(self, run: Run, script: str, advice: str, saved_step: typing.Optional[int] = None):
+        self.path, self.script, self.advice, self.saved_step = run.out / "checkpoint.pt", script, advice, saved_step
+
+    def save(self, step: int, state: dict, modules=()) -> None:
+        """Collective under torchrun: every rank calls it (their RNG states are gathered); rank 0 writes."""
+        if not all(torch.isfinite(p).all() for module in modules for p in module.parameters()):
+            raise self.diverged(step, "non-finite weights")
+        save_checkpoint(self.path, {"step": step, **state})
+        self.saved_step = step
+
+    def diverged(self, step: int, reason: str) -> UserError:
+        last = f"the last good checkpoint is {self.path} (step {self.saved_step}); resume from it" \
+            if self.saved_step is not None and self.path.exists() else "no checkpoint was written yet; start again"
+        return UserError(f"training diverged at step {step} ({reason}); {last} with {self.advice}")
+
+    def check_losses(self, record: dict, step: int) -> None:
+        if not all(math.isfinite(v) for k, v in record.items() if k.startswith("loss/") and isinstance(v, float)):
+            raise self.diverged(step, "a loss is not finite")
+
+    def stop(self, step: int, state: dict, modules=()) -> typing.NoReturn:
+        self.save(step, state, modules)
+        if get_rank() == 0:
+            print(f"stopped at step {step}; checkpoint in {self.path}; continue with python {self.script} --resume "
+                  f"{self.path.parent}", flush=True)
+        sys.exit(130)

@@ -25,20 +25,16 @@ Run it:
     python dcgan.py                                    # Fashion-MNIST at 32 px; CPU or GPU, whichever is here
     python dcgan.py --dataset mnist --epochs 10
     python dcgan.py --dataset cifar10 --image-size 64 --amp --compile      # on CUDA
-    python dcgan.py --loss hinge --spectral-norm --ema-decay 0.999 --lr-g 1e-4 --lr-d 4e-4 --beta1 0   # BigGAN-style
+    python dcgan.py --loss hinge --spectral-norm --ema-decay 0.999 --lr-g 5e-5 --lr-d 2e-4 --d-steps 2 --beta1 0
     torchrun --nproc_per_node=4 dcgan.py --dataset cifar10                 # one process per GPU (or CPU: gloo)
     python dcgan.py --resume runs/<folder>                                 # continue an interrupted run
 
-Result (README "Results"): `python dcgan.py` takes 8-9 minutes on 2 CPU cores (4.5 steps/s) and draws
-recognisable Fashion-MNIST garments; with the default flags, no run collapsed on MNIST or Fashion-MNIST for seeds
-0, 1 and 2.
+Results: README, "dcgan.py, default flags" and "At 64 px".
 """
 
 import copy
 import dataclasses
 import math
-import sys
-import time
 import typing
 
 import torch
@@ -55,11 +51,15 @@ class Args(common.RunArgs):
     epochs: int = 5  # passes over the training set (5 x 468 steps of 128 on Fashion-MNIST)
     image_size: int = 32  # a power of two from 16 to 128; 28 px digits are padded to 32, other sizes resized
     z_dim: int = 100  # size of the noise vector z (Radford §3: 100)
-    z_dist: typing.Literal["uniform", "normal"] = "uniform"  # U[-1,1] (Radford §4) or N(0,1) (ganhacks #3)
+    z_dist: typing.Literal["uniform", "normal"] = "uniform"
+    # z ~ U[-1,1] (Radford §4) or N(0,1) (ganhacks #3); interpolations.png always follows great circles between two
+    # z, slerp (White 2016; ganhacks #3), since a straight line passes near 0, where the prior has little mass
     g_width: int = 64  # G's channels before its output layer, doubled at each layer towards 4x4
     d_width: int = 64  # D's channels after its input layer, doubled at each layer towards 4x4
     lr_g: float = 2e-4  # Adam learning rate of G (Radford §4); TTUR: give D a larger one (Heusel et al. 2017)
-    lr_d: float = 2e-4  # Adam learning rate of D; BigGAN: 4x G's (Brock et al. 2019 §3, Heusel et al. 2017)
+    lr_d: float = 2e-4
+    # Adam learning rate of D (Radford §4); BigGAN: D 2e-4 and G 5e-5 with 2 D steps per G step (Brock et al. 2019
+    # §3); SAGAN: D 4e-4 and G 1e-4 (Zhang et al. 2019)
     beta1: float = 0.5  # Adam beta1 (Radford §4: 0.9 oscillated); BigGAN and WGAN-GP use 0
     beta2: float = 0.999  # Adam beta2 (WGAN-GP uses 0.9)
     loss: Loss = "ns"  # ns: non-saturating (Goodfellow §3); hinge (BigGAN); lsgan (Mao et al. 2017); wgan-gp
@@ -92,18 +92,10 @@ class Args(common.RunArgs):
         size = self.image_size
         if not (16 <= size <= 128 and size & (size - 1) == 0):
             raise ValueError(f"--image-size must be a power of two from 16 to 128, got {size}")
-        for name in ("z_dim", "g_width", "d_width", "d_steps", "embed_dim", "num_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr_g", "lr_d"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("beta1", "beta2", "label_smoothing", "label_flip", "ema_decay"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("instance_noise", "replay_size", "ortho_reg", "truncation", "gp_weight", "r1"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        common.check_ranges(self, at_least_1=("z_dim", "g_width", "d_width", "d_steps", "embed_dim", "num_samples"),
+                            positive=("lr_g", "lr_d"),
+                            fraction=("beta1", "beta2", "label_smoothing", "label_flip", "ema_decay"),
+                            at_least_0=("instance_noise", "replay_size", "ortho_reg", "truncation", "gp_weight", "r1"))
         if not 0 < self.replay_fraction <= 1:
             raise ValueError(f"--replay-fraction must be in (0, 1], got {self.replay_fraction}")
         label_tricks = self.label_smoothing or self.noisy_labels or self.label_flip
@@ -410,22 +402,6 @@ class GAN:
     ema: typing.Optional[Generator]
     replay: typing.Optional[ReplayBuffer]
 
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict(),
-                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-                "ema": self.ema.state_dict() if self.ema else None,
-                "replay": self.replay.state_dict() if self.replay else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.load_state_dict(state["generator"])
-        self.discriminator.load_state_dict(state["discriminator"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        if self.replay is not None and state["replay"] is not None:
-            self.replay.load_state_dict(state["replay"])
-
 
 def build_gan(args: Args, channels: int, num_classes: int, device: torch.device) -> GAN:
     generator = Generator(args.z_dim, channels, args.image_size, args.g_width, num_classes, args.embed_dim)
@@ -537,31 +513,26 @@ def health_warnings(record: dict, args: Args) -> list:
     return warnings
 
 
+WGAN_GP_SETTING = dict(d_steps=5, lr_g=1e-4, lr_d=1e-4, beta1=0.0, beta2=0.9)  # Gulrajani et al. Alg. 1
+
+
+def setting_warnings(args: Args) -> list:
+    """Flags that leave a loss outside the setting its paper trains it in: DCGAN's defaults (1 D step, beta1 0.5)
+    are not WGAN-GP's, whose critic has to be near its optimum for the penalty's argument to hold."""
+    if args.loss != "wgan-gp" or all(getattr(args, k) == v for k, v in WGAN_GP_SETTING.items()):
+        return []
+    flags = " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in WGAN_GP_SETTING.items())
+    return [f"--loss wgan-gp is trained with {flags} in its paper (Gulrajani et al. Alg. 1); these flags differ"]
+
+
 @torch.no_grad()
 def evaluate(gan: GAN, sampler: nn.Module, args: Args, samples: torch.Tensor, train: common.ImageData,
              test: common.ImageData, device: torch.device, count: int = 2000) -> dict:
-    """What can be measured without a pretrained classifier. Nearest-neighbour distances in pixel space (RMS per
-    pixel in [0, 1], at 32x32 at most): a collapsed G leaves test images far from every sample (nn_test_to_fake well
-    above nn_test_to_train, the same distance to as many training images); a G that copies its training images has
-    nn_fake_to_train near 0. And D's mean score on training, test and fresh fake images: D scoring training images
-    well above test images is D overfitting (Karras et al. 2020, ADA §2)."""
+    """What can be measured without a pretrained classifier: the nearest-neighbour distances of common.py, and D's
+    mean score on training, test and fresh fake images: D scoring training images well above test images is D
+    overfitting (Karras et al. 2020, ADA §2)."""
     noise = torch.Generator(device=device).manual_seed(args.seed + 11)
-    order = lambda n, seed: torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-
-    def pixels(images):
-        images = images.to(device).float() / 255
-        return (F.interpolate(images, size=(32, 32), mode="area") if images.shape[-1] > 32 else images).flatten(1)
-
-    def mean_nearest_distance(queries, keys):
-        nearest = torch.cat([torch.cdist(q, keys).min(dim=1).values for q in queries.split(500)])
-        return (nearest / math.sqrt(keys.shape[1])).mean().item()
-
-    fakes = pixels(samples)
-    test_images = pixels(test.images[order(len(test.images), args.seed)[:count]])
-    train_pool = pixels(train.images[order(len(train.images), args.seed + 1)[:len(samples)]])
-    metrics = {"eval/nn_test_to_fake": mean_nearest_distance(test_images, fakes),
-               "eval/nn_test_to_train": mean_nearest_distance(test_images, train_pool),
-               "eval/nn_fake_to_train": mean_nearest_distance(fakes[:count], train_pool)}
+    metrics = common.nearest_neighbour_distances(samples, train.images, test.images, device, args.seed, count)
 
     def mean_score(images, labels):  # D in training mode, as it judged batches during training
         scores = torch.cat([gan.discriminator(images[i:i + 500].to(device).float() / 127.5 - 1,
@@ -569,7 +540,7 @@ def evaluate(gan: GAN, sampler: nn.Module, args: Args, samples: torch.Tensor, tr
                             for i in range(0, len(images), 500)])
         return (torch.sigmoid(scores) if args.loss == "ns" else scores).mean().item()
 
-    labelled = lambda data: data.labels[:count] if args.conditional else None
+    labelled = lambda data: data.labels[:count] if args.conditional else None  # noqa: E731
     metrics["eval/d_train"] = mean_score(train.images[:count], labelled(train))
     metrics["eval/d_test"] = mean_score(test.images[:count], labelled(test))
     fake_labels = torch.randint(train.num_classes, (count,), device=device, generator=noise) \
@@ -579,52 +550,24 @@ def evaluate(gan: GAN, sampler: nn.Module, args: Args, samples: torch.Tensor, tr
     return metrics
 
 
-def benchmark(gan: GAN, args: Args, batches: common.ImageBatches, run: common.Run, planned_steps: int) -> None:
+def benchmark(gan: GAN, args: Args, batches: common.Batches, run: common.Run, planned_steps: int) -> None:
     """Steps/s on real batches and on synthetic tensors of the same shape, and the share of step time spent
-    fetching real batches (which should stay under 5%)."""
-    device = run.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fetch_time = [0.0]
-
-    def timed_real_batch():
-        sync()
-        start = time.perf_counter()
-        batch = batches.next()
-        sync()
-        fetch_time[0] += time.perf_counter() - start
-        return batch
-
+    fetching real batches."""
     images, labels = batches.next()
-    synthetic = lambda: (torch.randint(0, 256, images.shape, dtype=torch.uint8, device=device),
-                         None if labels is None else torch.randint(max(1, gan_num_classes(gan.generator)),
-                                                                   labels.shape, device=device))
-    results = {}
-    for name, next_batch in (("real", timed_real_batch), ("synthetic", synthetic)):
-        for step in range(3):  # warm-up: allocator, cudnn autotuning, compilation
-            train_step(gan, args, next_batch, step, planned_steps, device)
-        sync()
-        fetch_time[0] = 0.0
-        start = time.perf_counter()
-        for step in range(args.benchmark_steps):
-            train_step(gan, args, next_batch, step, planned_steps, device)
-        sync()
-        elapsed = time.perf_counter() - start
-        results[name] = (args.benchmark_steps / elapsed, fetch_time[0] / elapsed)
-    images_per_step = args.batch_size * args.d_steps * run.world_size
+    classes = max(1, gan_num_classes(gan.generator))
+    synthetic = lambda: (torch.randint(0, 256, images.shape, dtype=torch.uint8, device=run.device),  # noqa: E731
+                         None if labels is None else torch.randint(classes, labels.shape, device=run.device))
+    rates = common.benchmark_training(
+        lambda next_batch, step: train_step(gan, args, next_batch, step, planned_steps, run.device),
+        batches.next, synthetic, args.benchmark_steps, run.device)
     if run.is_main:
-        (real_rate, fetch_share), (synthetic_rate, _) = results["real"], results["synthetic"]
-        print(f"benchmark | {device.type} x{run.world_size}, {args.image_size} px, batch {args.batch_size} | "
-              f"real data: {real_rate:.2f} steps/s, {real_rate * images_per_step:.0f} images/s | "
-              f"synthetic: {synthetic_rate:.2f} steps/s, {synthetic_rate * images_per_step:.0f} images/s | "
-              f"data loading {100 * fetch_share:.1f}% of step time")
+        print(f"benchmark | {run.device.type} x{run.world_size}, {args.image_size} px, batch {args.batch_size} | "
+              f"{common.format_rates(rates, args.batch_size * args.d_steps * run.world_size)}")
 
 
 def main(args: Args) -> None:
-    run = common.setup(args, "dcgan")
-    try:
+    with common.session(args, "dcgan") as run:
         train(args, run)
-    finally:
-        common.teardown()
 
 
 def train(args: Args, run: common.Run) -> None:
@@ -634,35 +577,33 @@ def train(args: Args, run: common.Run) -> None:
         raise common.UserError(f"--conditional needs class labels, and {args.dataset} has none "
                                f"(a folder needs one subfolder per class)")
     num_classes = train_data.num_classes if args.conditional else 0
-    channels = train_data.images.shape[1]
-    gan = build_gan(args, channels, num_classes, device)
+    gan = build_gan(args, train_data.images.shape[1], num_classes, device)
     # double backward (R1, WGAN-GP) does not go through compiled graphs, so D is then left eager
     common.maybe_compile(gan.generator, args.compile)
     common.maybe_compile(gan.discriminator, args.compile and not (args.r1 or args.loss == "wgan-gp"))
-    batches = common.ImageBatches(train_data, args.batch_size, args.seed, device, run.rank, run.world_size)
-    steps_per_epoch = max(1, batches.steps_per_epoch // args.d_steps)
-    planned_steps = args.epochs * steps_per_epoch
+    batches = common.Batches((train_data.images, train_data.labels), args.batch_size, args.seed, device, run.rank,
+                             run.world_size, "images")
+    planned_steps = args.epochs * max(1, batches.steps_per_epoch // args.d_steps)
     total_steps = min(planned_steps, args.max_steps or planned_steps)
     if args.benchmark:
         return benchmark(gan, args, batches, run, planned_steps)
 
-    step = 0
-    if args.resume:
-        checkpoint = common.load_checkpoint(args.resume, map_location=device)
-        try:
-            gan.load_state_dict(checkpoint["gan"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise common.UserError(f"{args.resume} does not fit this model ({str(e).splitlines()[0][:120]}); "
-                                   f"resume with the flags it was trained with")
+    def load_state(checkpoint):
+        common.load_state_dicts(vars(gan), checkpoint["gan"])
         batches.load_state_dict(checkpoint["batches"])
-        step = checkpoint["step"]
-        common.restore_rng(checkpoint, run.rank, args.seed)
+
+    step = common.resume(args, run, load_state)["step"] if args.resume else 0
+    checkpoints = common.Checkpoints(run, "dcgan.py", "lower learning rates, --spectral-norm or --r1 10",
+                                     step if args.resume else None)
+    state = lambda: {"args": dataclasses.asdict(args), "gan": common.state_dicts(vars(gan)),  # noqa: E731
+                     "batches": batches.state_dict()}
     logger = common.MetricsLogger(run.out, total_steps, run.is_main, start_step=step,
                                   console_keys=("loss/d", "loss/g", "d/real", "d/fake", "grad/d", "grad/g"))
-    parameters = sum(p.numel() for p in gan.generator.parameters()), \
-        sum(p.numel() for p in gan.discriminator.parameters())
-    logger.print(f"dcgan | {args.dataset} {tuple(train_data.images.shape)} | G {parameters[0]:,} params, "
-                 f"D {parameters[1]:,} params | {device} x{run.world_size} | {total_steps} steps | out {run.out}")
+    sizes = [sum(p.numel() for p in net.parameters()) for net in (gan.generator, gan.discriminator)]
+    logger.print(f"dcgan | {args.dataset} {tuple(train_data.images.shape)} | G {sizes[0]:,} params, "
+                 f"D {sizes[1]:,} params | {device} x{run.world_size} | {total_steps} steps | out {run.out}")
+    for warning in setting_warnings(args):
+        logger.print(f"note: {warning}")
 
     # fixed noise for the sample grids, so that grids from different steps show the same z
     grid_noise = torch.Generator(device=device).manual_seed(args.seed + 3)
@@ -677,19 +618,6 @@ def train(args: Args, run: common.Run) -> None:
         if run.is_main:
             common.save_image_grid(generate(sampler, grid_z, grid_labels), path, nrow=grid_rows)
 
-    def diverged(reason: str) -> common.UserError:
-        saved = run.out / "checkpoint.pt"
-        last = f"the last good checkpoint is {saved}" if saved.exists() else "no checkpoint was written yet"
-        return common.UserError(f"training diverged at step {step} ({reason}); {last}; try lower learning rates, "
-                                f"--spectral-norm or --r1 10")
-
-    def save_checkpoint():
-        if not all(torch.isfinite(p).all() for p in gan.generator.parameters()):
-            raise diverged("non-finite weights")  # never overwrite a good checkpoint with a broken model
-        common.save_checkpoint(run.out / "checkpoint.pt", {
-            "step": step, "args": dataclasses.asdict(args), "gan": gan.state_dict(),
-            "batches": batches.state_dict()})
-
     if run.is_main and not (run.out / "real_samples.png").exists():
         common.save_image_grid(train_data.images[:64], run.out / "real_samples.png", nrow=8)
 
@@ -700,42 +628,46 @@ def train(args: Args, run: common.Run) -> None:
             logger.update(metrics)
             if step % args.log_every == 0 or step == total_steps:
                 record = logger.log(step)
-                if not all(math.isfinite(v) for k, v in record.items() if k.startswith("loss/")):
-                    raise diverged("a loss is not finite")
+                checkpoints.check_losses(record, step)
                 for warning in health_warnings(record, args):
                     logger.print(f"warning: step {step}: {warning}")
             if args.sample_every and step % args.sample_every == 0:
                 save_samples(run.out / f"samples_{step}.png")
             if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save_checkpoint()
+                checkpoints.save(step, state(), [gan.generator])
             if stop(device):
-                save_checkpoint()
-                logger.print(f"stopped at step {step}; checkpoint in {run.out / 'checkpoint.pt'}; continue with "
-                             f"python dcgan.py --resume {run.out}")
-                sys.exit(130)
+                checkpoints.stop(step, state(), [gan.generator])
 
-    save_checkpoint()
+    checkpoints.save(step, state(), [gan.generator])
     if not (args.sample_every and step % args.sample_every == 0):  # else the loop just drew this grid
         save_samples(run.out / f"samples_{step}.png")
+    common.teardown()  # the rest is rank 0's alone
+    if run.is_main:
+        write_results(gan, sampler, args, train_data, num_classes, run, logger, step)
+
+
+def write_results(gan: GAN, sampler: nn.Module, args: Args, train_data: common.ImageData, num_classes: int,
+                  run: common.Run, logger: common.MetricsLogger, step: int) -> None:
+    """samples.npz, interpolations.png, the final evaluation and loss.png, by rank 0 after training."""
+    device = run.device
     final_noise = torch.Generator(device=device).manual_seed(args.seed + 5)
     z = sample_z(args, args.num_samples, device, final_noise, args.truncation)
     labels = torch.randint(num_classes, (args.num_samples,), device=device, generator=final_noise) \
         if num_classes else None
     samples = generate(sampler, z, labels)
-    # every rank loads (the loader synchronises ranks); a folder has no test split, so its training images stand in
+    # a folder has no test split, so its training images stand in
     test_data = train_data if args.dataset.startswith("folder:") else \
         common.load_image_dataset(args.dataset, args.data_dir, args.image_size, "test", run.out)
-    if run.is_main:
-        common.save_samples_npz(run.out / "samples.npz", samples, labels)
-        # slerp between 8 pairs of z, 10 steps each (White 2016); conditional rows keep one class
-        ends = sample_z(args, 16, device, final_noise, args.truncation)
-        t = torch.linspace(0, 1, 10, device=device)[None, :, None]
-        path = slerp(ends[:8, None], ends[8:, None], t).reshape(80, args.z_dim)
-        path_labels = torch.arange(8, device=device).repeat_interleave(10) % num_classes if num_classes else None
-        common.save_image_grid(generate(sampler, path, path_labels), run.out / "interpolations.png", nrow=10)
-        logger.log_eval(step, evaluate(gan, sampler, args, samples, train_data, test_data, device))
-        common.plot_metrics(run.out / "metrics.jsonl", run.out / "loss.png", ("loss/",), f"dcgan {args.dataset}")
-        logger.print(f"done: {run.out} (samples_{step}.png, samples.npz, interpolations.png, loss.png)")
+    common.save_samples_npz(run.out / "samples.npz", samples, labels)
+    # slerp between 8 pairs of z, 10 steps each (White 2016); conditional rows keep one class
+    ends = sample_z(args, 16, device, final_noise, args.truncation)
+    t = torch.linspace(0, 1, 10, device=device)[None, :, None]
+    path = slerp(ends[:8, None], ends[8:, None], t).reshape(80, args.z_dim)
+    path_labels = torch.arange(8, device=device).repeat_interleave(10) % num_classes if num_classes else None
+    common.save_image_grid(generate(sampler, path, path_labels), run.out / "interpolations.png", nrow=10)
+    logger.log_eval(step, evaluate(gan, sampler, args, samples, train_data, test_data, device))
+    common.plot_metrics(run.out / "metrics.jsonl", run.out / "loss.png", ("loss/",), f"dcgan {args.dataset}")
+    logger.print(f"done: {run.out} (samples_{step}.png, samples.npz, interpolations.png, loss.png)")
 
 
 if __name__ == "__main__":

@@ -47,20 +47,14 @@ Run it:
     torchrun --nproc_per_node=4 flow.py --dataset cifar10                     # one process per GPU (or CPU: gloo)
     python flow.py --resume runs/<folder>                                     # continue an interrupted run
 
-Result (README "Results"; 2 CPU cores, L 2, K 16, width 64, 8 bits, 28x28): MNIST test 1.611 bits/dim after 8,500
-steps (28 min 9 s); Fashion-MNIST, the default run, 3.791 bits/dim after 1,874 steps (11 min). Published flows reach
-1.05 (Glow) and 1.06 (RealNVP) on MNIST, as tabulated by Grathwohl et al. 2019 (FFJORD, Table 2), with far more
-compute.
+Results: README, "flow.py".
 """
 
 import dataclasses
 import math
-import sys
-import time
 import typing
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -93,16 +87,11 @@ class Args(common.RunArgs):
     def __post_init__(self):
         super().__post_init__()
         common.check_image_dataset(self.dataset)
-        for name in ("levels", "steps_per_level", "width", "init_batch", "eval_batch", "num_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        common.check_ranges(self, at_least_1=("levels", "steps_per_level", "width", "init_batch", "eval_batch",
+                                              "num_samples"), positive=("lr",),
+                            at_least_0=("warmup_steps", "grad_clip", "temperature", "eval_every", "image_size"))
         if not 1 <= self.n_bits <= 8:
             raise ValueError(f"--n-bits must be from 1 to 8, got {self.n_bits}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
-        for name in ("warmup_steps", "grad_clip", "temperature", "eval_every", "image_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         size, factor = self.resolved_image_size(), 2 ** self.levels
         if size % factor or size > 256:
             hint = "; 28 px allows at most 2 levels, or use --image-size 32 (pads digits with black)" \
@@ -191,7 +180,8 @@ class InvertibleConv1x1(nn.Module):
         return y, log_det.expand(len(x))
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        w_inverse = torch.linalg.inv(self.weight().double()).to(y.dtype)  # inverted in float64 for accuracy
+        w_inverse = torch.linalg.inv(common.to_host_float64(self.weight()))  # in float64 for accuracy
+        w_inverse = w_inverse.to(y.dtype).to(y.device)
         return F.conv2d(y, w_inverse[:, :, None, None])
 
 
@@ -437,17 +427,22 @@ def sample(flow: Glow, count: int, temperature: float, n_bits: int, generator: t
 
 
 @torch.no_grad()
-def evaluate_bpd(flow: Glow, images: torch.Tensor, args: Args, device: torch.device, seed: int) -> float:
-    """Mean bits/dim over `images`, with dequantisation noise from a fixed seed so that evaluations are comparable
-    across steps and runs; summed in float64."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    with common.exact_float32():
-        for chunk in images.split(args.eval_batch):
-            x = dequantize(chunk.to(device), args.n_bits, generator)
-            _, log_det, log_prior = flow(x)
-            total += bits_per_dim(log_prior + log_det, x[0].numel(), args.n_bits).double().sum()
-    return total.item() / len(images)
+def evaluate_bpd(flow: Glow, images: torch.Tensor, args: Args, generator: torch.Generator) -> float:
+    """Mean bits/dim over `images`, with dequantisation noise from `generator` (seeded the same at every evaluation,
+    so that they compare across steps and runs); the networks in float32 with TF32 off whatever --amp says, the
+    sum in float64 on the CPU."""
+    device = flow.top_mean.device
+    total = 0.0
+    flow.set_amp(False)
+    try:
+        with common.exact_float32():
+            for chunk in images.split(args.eval_batch):
+                x = dequantize(chunk.to(device), args.n_bits, generator)
+                _, log_det, log_prior = flow(x)
+                total += common.to_host_float64(bits_per_dim(log_prior + log_det, x[0].numel(), args.n_bits)).sum()
+    finally:
+        flow.set_amp(args.amp)
+    return float(total) / len(images)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -457,15 +452,6 @@ def evaluate_bpd(flow: Glow, images: torch.Tensor, args: Args, device: torch.dev
 def learning_rate(args: Args, step: int) -> float:
     """Linear warm-up from 0 over --warmup-steps, then constant (Glow's code warms up over 10 epochs)."""
     return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True if `flag` is True on any rank, so that all ranks stop at the same step."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 class Diverged(Exception):
@@ -481,7 +467,7 @@ def train_step(flow: Glow, optimizer: torch.optim.Optimizer, args: Args, next_ba
         group["lr"] = lr
     images, _ = next_batch()
     loss, metrics = flow_loss(flow, images, args.n_bits)
-    if any_rank(not torch.isfinite(loss).item(), device):
+    if common.any_rank(not torch.isfinite(loss).item(), device):
         raise Diverged(f"loss/bpd is {loss.item():g}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -492,59 +478,30 @@ def train_step(flow: Glow, optimizer: torch.optim.Optimizer, args: Args, next_ba
     return metrics
 
 
-def benchmark(flow: Glow, optimizer, args: Args, batches: common.ImageBatches, run: common.Run) -> None:
+def benchmark(flow: Glow, optimizer, args: Args, batches: common.Batches, run: common.Run) -> None:
     """Training steps/s on real batches and on synthetic tensors of the same shape, the share of step time spent
     fetching real batches, and sampling throughput (samples/s at T = 1)."""
     device = run.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fetch_time = [0.0]
-
-    def timed_real_batch():
-        sync()
-        start = time.perf_counter()
-        batch = batches.next()
-        sync()
-        fetch_time[0] += time.perf_counter() - start
-        return batch
-
     images, _ = batches.next()
-    synthetic = lambda: (torch.randint(0, 256, images.shape, dtype=torch.uint8, device=device), None)
-    results = {}
-    for name, next_batch in (("real", timed_real_batch), ("synthetic", synthetic)):
-        for step in range(3):  # warm-up: allocator, cudnn autotuning, compilation
-            train_step(flow, optimizer, args, next_batch, step, device)
-        sync()
-        fetch_time[0] = 0.0
-        start = time.perf_counter()
-        for step in range(args.benchmark_steps):
-            train_step(flow, optimizer, args, next_batch, step, device)
-        sync()
-        elapsed = time.perf_counter() - start
-        results[name] = (args.benchmark_steps / elapsed, fetch_time[0] / elapsed)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    count = args.eval_batch
-    sample(flow, count, 1.0, args.n_bits, generator, args.eval_batch)  # warm-up
-    sync()
-    start = time.perf_counter()
-    sample(flow, count, 1.0, args.n_bits, generator, args.eval_batch)
-    sync()
-    sampling_rate = count / (time.perf_counter() - start)
-    images_per_step = args.batch_size * run.world_size
+    rates = common.benchmark_training(
+        lambda next_batch, step: train_step(flow, optimizer, args, next_batch, step, device), batches.next,
+        lambda: (torch.randint(0, 256, images.shape, dtype=torch.uint8, device=device), None), args.benchmark_steps,
+        device)
+    generator, clock = torch.Generator(device=device).manual_seed(args.seed), common.Clock(device)
+    sample(flow, args.eval_batch, 1.0, args.n_bits, generator, args.eval_batch)  # warm-up
+    clock()
+    sample(flow, args.eval_batch, 1.0, args.n_bits, generator, args.eval_batch)
+    sampling_rate = args.eval_batch / clock()
     if run.is_main:
-        (real_rate, fetch_share), (synthetic_rate, _) = results["real"], results["synthetic"]
         print(f"benchmark | {device.type} x{run.world_size}, {images.shape[-1]} px, batch {args.batch_size}, "
               f"L {args.levels} K {args.steps_per_level} width {args.width} | "
-              f"real data: {real_rate:.2f} steps/s, {real_rate * images_per_step:.0f} images/s | "
-              f"synthetic: {synthetic_rate:.2f} steps/s, {synthetic_rate * images_per_step:.0f} images/s | "
-              f"data loading {100 * fetch_share:.1f}% of step time | sampling: {sampling_rate:.0f} samples/s")
+              f"{common.format_rates(rates, args.batch_size * run.world_size)} | sampling: {sampling_rate:.0f} "
+              f"samples/s")
 
 
 def main(args: Args) -> None:
-    run = common.setup(args, "flow")
-    try:
+    with common.session(args, "flow") as run:
         train(args, run)
-    finally:
-        common.teardown()
 
 
 def train(args: Args, run: common.Run) -> None:
@@ -557,22 +514,17 @@ def train(args: Args, run: common.Run) -> None:
     flow.set_amp(args.amp)
     common.broadcast_module(flow)  # every rank starts from rank 0's weights
     optimizer = torch.optim.Adam(flow.parameters(), lr=args.lr)
-    batches = common.ImageBatches(train_data, args.batch_size, args.seed, device, run.rank, run.world_size)
+    batches = common.Batches((train_data.images, train_data.labels), args.batch_size, args.seed, device, run.rank,
+                             run.world_size, "images")
     planned_steps = args.epochs * batches.steps_per_epoch
     total_steps = min(planned_steps, args.max_steps or planned_steps)
 
-    step = 0
-    if args.resume:
-        checkpoint = common.load_checkpoint(args.resume, map_location=device)
-        try:
-            flow.load_state_dict(checkpoint["flow"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise common.UserError(f"{args.resume} does not fit this model ({str(e).splitlines()[0][:120]}); "
-                                   f"resume with the flags it was trained with")
+    def load_state(checkpoint):
+        flow.load_state_dict(checkpoint["flow"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
         batches.load_state_dict(checkpoint["batches"])
-        step = checkpoint["step"]
-        common.restore_rng(checkpoint, run.rank, args.seed)
+
+    step = common.resume(args, run, load_state)["step"] if args.resume else 0
     if not flow.is_initialised():  # a fresh run (a checkpoint carries the flags, so a resumed run skips this)
         order = torch.randperm(len(train_data.images), generator=torch.Generator().manual_seed(args.seed))
         flow.initialise(dequantize(train_data.images[order[:args.init_batch]].to(device), args.n_bits))
@@ -580,41 +532,30 @@ def train(args: Args, run: common.Run) -> None:
     common.maybe_compile(flow, args.compile)  # compiles forward (training, evaluation); sampling stays eager
     if args.benchmark:
         return benchmark(flow, optimizer, args, batches, run)
+    checkpoints = common.Checkpoints(run, "flow.py", "a lower --lr, a longer --warmup-steps or a smaller --grad-clip",
+                                     step if args.resume else None)
+    state = lambda: {"args": dataclasses.asdict(args), "flow": flow.state_dict(),  # noqa: E731
+                     "optimizer": optimizer.state_dict(), "batches": batches.state_dict()}
 
     logger = common.MetricsLogger(run.out, total_steps, run.is_main, start_step=step,
                                   console_keys=("loss/bpd", "eval/bpd", "grad/norm", "lr"))
-    parameters = sum(p.numel() for p in flow.parameters())
     logger.print(f"flow | {args.dataset} {tuple(train_data.images.shape)}, D = {num_dims} | L {args.levels} "
-                 f"K {args.steps_per_level} width {args.width} {args.coupling}, {parameters:,} params | "
-                 f"{device} x{run.world_size} | {total_steps} steps | out {run.out}")
+                 f"K {args.steps_per_level} width {args.width} {args.coupling}, "
+                 f"{sum(p.numel() for p in flow.parameters()):,} params | {device} x{run.world_size} | "
+                 f"{total_steps} steps | out {run.out}")
     if size > NATIVE_SIZE.get(args.dataset, size):
         logger.print(f"note: {args.dataset} is {NATIVE_SIZE[args.dataset]} px; at {size} px the black padding is "
                      f"counted in bits/dim, which are then not comparable with {NATIVE_SIZE[args.dataset]} px results")
     # a folder has no test split, so its training images stand in
     test_data = train_data if args.dataset.startswith("folder:") else \
         common.load_image_dataset(args.dataset, args.data_dir, size, "test", run.out)
-    eval_seed = args.seed + 1_000  # the same dequantisation noise at every evaluation
-    saved_step = [step if args.resume else None]
+    test_bpd = lambda images: evaluate_bpd(  # noqa: E731 (the same dequantisation noise at every evaluation)
+        flow, images, args, torch.Generator(device=device).manual_seed(args.seed + 1_000))
 
     def save_samples(path):
         generator = torch.Generator(device=device).manual_seed(args.seed + 3)  # the same latents in every grid
         if run.is_main:
             common.save_image_grid(sample(flow, 64, args.temperature, args.n_bits, generator), path, nrow=8)
-
-    def diverged(at_step: int, reason: str) -> common.UserError:
-        path = run.out / "checkpoint.pt"
-        last = f"the last good checkpoint is {path} (step {saved_step[0]}); resume from it" \
-            if saved_step[0] is not None and path.exists() else "no checkpoint was written yet; start again"
-        return common.UserError(f"training diverged at step {at_step} ({reason}); {last} with a lower --lr, a "
-                                f"longer --warmup-steps or a smaller --grad-clip")
-
-    def save_checkpoint():
-        if not all(torch.isfinite(p).all() for p in flow.parameters()):
-            raise diverged(step, "non-finite weights")  # never overwrite a good checkpoint with a broken model
-        common.save_checkpoint(run.out / "checkpoint.pt", {
-            "step": step, "args": dataclasses.asdict(args), "flow": flow.state_dict(),
-            "optimizer": optimizer.state_dict(), "batches": batches.state_dict()})
-        saved_step[0] = step
 
     if run.is_main and not (run.out / "real_samples.png").exists():
         common.save_image_grid(train_data.images[:64], run.out / "real_samples.png", nrow=8)
@@ -625,44 +566,47 @@ def train(args: Args, run: common.Run) -> None:
             try:
                 metrics = train_step(flow, optimizer, args, batches.next, step, device)
             except Diverged as e:  # raised before the update: the weights are still those of the last step
-                raise diverged(step + 1, str(e))
+                raise checkpoints.diverged(step + 1, str(e))
             step += 1
             logger.update(metrics)
             if args.eval_every and step % args.eval_every == 0 and step < total_steps and run.is_main:
-                pending_eval = {"eval/bpd": round(evaluate_bpd(flow, test_data.images, args, device, eval_seed), 6)}
+                pending_eval = {"eval/bpd": round(test_bpd(test_data.images), 6)}
             if step % args.log_every == 0 or step == total_steps:
                 logger.log(step, pending_eval)
                 pending_eval = {}
             if args.sample_every and step % args.sample_every == 0:
                 save_samples(run.out / f"samples_{step}.png")
             if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save_checkpoint()
+                checkpoints.save(step, state(), [flow])
             if stop(device):
-                save_checkpoint()
-                logger.print(f"stopped at step {step}; checkpoint in {run.out / 'checkpoint.pt'}; continue with "
-                             f"python flow.py --resume {run.out}")
-                sys.exit(130)
+                checkpoints.stop(step, state(), [flow])
 
-    save_checkpoint()
+    checkpoints.save(step, state(), [flow])
+    common.teardown()  # the rest is rank 0's alone
+    if not run.is_main:
+        return
     if not (args.sample_every and step % args.sample_every == 0):  # else the loop just drew this grid
         save_samples(run.out / f"samples_{step}.png")
-    if run.is_main:
-        # one row per temperature, the same latents (scaled by T) in each column
-        rows = [sample(flow, 10, t, args.n_bits, torch.Generator(device=device).manual_seed(args.seed + 4))
-                for t in GRID_TEMPERATURES]
-        common.save_image_grid(torch.cat(rows), run.out / "temperatures.png", nrow=10)
-        samples = sample(flow, args.num_samples, 1.0, args.n_bits,
-                         torch.Generator(device=device).manual_seed(args.seed + 5), args.eval_batch)
-        common.save_samples_npz(run.out / "samples.npz", samples)
-        test_bpd = evaluate_bpd(flow, test_data.images, args, device, eval_seed)
-        train_subset = train_data.images[:len(test_data.images)]
-        logger.log_eval(step, {
-            "eval/bpd": test_bpd, "eval/nll": test_bpd * num_dims * math.log(2),
-            "eval/bpd_train": evaluate_bpd(flow, train_subset, args, device, eval_seed),
-            "eval/test_images": len(test_data.images), "eval/dims": num_dims})
-        common.plot_metrics(run.out / "metrics.jsonl", run.out / "loss.png", ("loss/", "eval/bpd"),
-                            f"flow {args.dataset}")
-        logger.print(f"done: {run.out} (samples_{step}.png, temperatures.png, samples.npz, loss.png)")
+    write_results(flow, args, test_bpd, train_data, test_data, run, logger, step)
+
+
+def write_results(flow: Glow, args: Args, test_bpd, train_data: common.ImageData, test_data: common.ImageData,
+                  run: common.Run, logger: common.MetricsLogger, step: int) -> None:
+    """temperatures.png, samples.npz, the final evaluation and loss.png, by rank 0 after training."""
+    device = run.device
+    # one row per temperature, the same latents (scaled by T) in each column
+    rows = [sample(flow, 10, t, args.n_bits, torch.Generator(device=device).manual_seed(args.seed + 4))
+            for t in GRID_TEMPERATURES]
+    common.save_image_grid(torch.cat(rows), run.out / "temperatures.png", nrow=10)
+    samples = sample(flow, args.num_samples, 1.0, args.n_bits, torch.Generator(device=device).manual_seed(
+        args.seed + 5), args.eval_batch)
+    common.save_samples_npz(run.out / "samples.npz", samples)
+    bpd, num_dims = test_bpd(test_data.images), test_data.images[0].numel()
+    logger.log_eval(step, {"eval/bpd": bpd, "eval/nll": bpd * num_dims * math.log(2),
+                           "eval/bpd_train": test_bpd(train_data.images[:len(test_data.images)]),
+                           "eval/test_images": len(test_data.images), "eval/dims": num_dims})
+    common.plot_metrics(run.out / "metrics.jsonl", run.out / "loss.png", ("loss/", "eval/bpd"), f"flow {args.dataset}")
+    logger.print(f"done: {run.out} (samples_{step}.png, temperatures.png, samples.npz, loss.png)")
 
 
 if __name__ == "__main__":

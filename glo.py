@@ -28,11 +28,12 @@ paper could not be opened while writing this file: the formula, hyper-parameters
 the paper as we recall it and as the project's issue quotes it, not checked against the PDF.
 
 Sampling (§4): fit one full-covariance Gaussian to the learned codes and decode draws from it; the draws are not
-projected onto the sphere: in 100 dimensions their norms concentrate near 1 anyway (eval/sample_norm 0.97 on
-Fashion-MNIST), and projecting them moved eval/nn_test_to_fake only from 0.162 to 0.157 there.
+projected onto the sphere: in 100 dimensions their norms concentrate near 1 anyway (eval/sample_norm logs it).
 
-`--fixed-latents` is the naive regression: the codes are drawn once (Gaussian, projected onto Z) and never updated;
-everything else, seeds included, is identical, so the two runs differ only in whether the codes learn.
+`--fixed-latents` freezes the codes and changes nothing else, seeds included, so that two runs differ only in whether
+the codes learn; `--code-init random` replaces the PCA start by Gaussian draws (projected onto Z). Fixed random codes
+are the naive regression. The 2 x 2 of the two switches separates what learning the codes buys from what a good
+start does (README, "glo.py").
 
 Evaluation: reconstruction MSE of the training images from their codes; and, since a test image has no code, codes
 for test images found by optimising the codes alone with the generator frozen (both modes: it is the only way to
@@ -40,33 +41,19 @@ embed a new image), with the same procedure on as many training images for a fai
 
 Run it:
     python glo.py                                      # Fashion-MNIST at 32 px, GLO, about 9 minutes on 2 CPU cores
-    python glo.py --fixed-latents                      # the naive regression, same seeds
+    python glo.py --fixed-latents --code-init random   # the naive regression, same seeds
     python glo.py --dataset mnist --epochs 25          # the paper's 25 epochs
     python glo.py --loss l2 --optimizer adam           # plain L2 loss, Adam
     python glo.py --dataset cifar10 --image-size 64 --z-dim 512 --device cuda
     torchrun --nproc_per_node=2 glo.py                 # one process per GPU (or CPU: gloo)
     python glo.py --resume runs/<folder>               # continue an interrupted run
 
-Result (2 cores of an AMD EPYC, torch 2.13 CPU build, default flags: 12 epochs = 5,616 steps, seed 0). Per-pixel
-MSE on the [0, 1] scale: training images from their own codes / 1,000 training images and 1,000 test images from
-codes fitted with G frozen:
-
-    python glo.py                                    0.0088 / 0.0026 / 0.0028      8 min 35 s
-    python glo.py --fixed-latents                    0.0603 / 0.0175 / 0.0171      30 min 36 s (cores shared)
-    python glo.py --dataset mnist                    0.0022 / 0.00057 / 0.00058    8 min 46 s
-    python glo.py --dataset mnist --fixed-latents    0.0513 / 0.0273 / 0.0278      7 min 49 s
-
-With fixed codes, G fits its own training images worse (0.060) than GLO's G fits unseen test images once their
-codes are searched for (0.0028). GLO's reconstructions of training and test images are sharp; with fixed codes the
-training images come out as grey blobs and the fitted test images as blurred silhouettes. Samples from the Gaussian
-fit are garment and stroke fragments, recognisable now and then, not clean images.
+Results: README, "glo.py".
 """
 
 import dataclasses
 import functools
 import math
-import sys
-import time
 import typing
 
 import torch
@@ -86,9 +73,10 @@ class Args(common.RunArgs):
     loss: typing.Literal["lap1", "l2", "l1"] = "lap1"  # lap1: Laplacian-pyramid L1 (Bojanowski §3.2); l2, l1: pixels
     constraint: typing.Literal["sphere", "ball"] = "sphere"
     # Z: the unit l2 sphere, every code projected back after each update (Bojanowski §3.1), or the unit ball
-    code_init: typing.Literal["auto", "pca", "random"] = "auto"
-    # initial codes: auto is pca for GLO (Bojanowski §4) and random (Gaussian) for --fixed-latents
-    fixed_latents: bool = False  # the naive regression: random codes drawn once and never optimised
+    code_init: typing.Literal["pca", "random"] = "pca"  # initial codes: PCA of the images (Bojanowski §4) or Gaussian
+    fixed_latents: bool = False
+    # codes never optimised: only G learns. With --code-init random this is the naive regression, codes drawn at
+    # random once (the lecture's "random vector, supervised"); with pca, a decoder of fixed PCA scores
     optimizer: typing.Literal["sgd", "adam"] = "sgd"  # sgd as in the paper (§4); adam: Adam for G, lazy Adam for codes
     lr_g: float = 0.0  # learning rate of G; 0: 1 with sgd (Bojanowski §4), 1e-3 with adam
     lr_z: float = 0.0  # learning rate of the codes; 0: 10 with sgd (Bojanowski §4), 1e-2 with adam
@@ -103,26 +91,13 @@ class Args(common.RunArgs):
         size = self.image_size
         if not (16 <= size <= 128 and size & (size - 1) == 0):
             raise ValueError(f"--image-size must be a power of two from 16 to 128, got {size}")
-        for name in ("z_dim", "g_width", "num_samples", "eval_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr_g", "lr_z"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive (or 0 for the default), "
-                                 f"got {getattr(self, name)}")
-        if not self.eval_lr > 0:
-            raise ValueError(f"--eval-lr must be positive, got {self.eval_lr}")
-        if self.eval_images < 0:
-            raise ValueError(f"--eval-images must be 0 or more, got {self.eval_images}")
+        common.check_ranges(self, at_least_1=("z_dim", "g_width", "num_samples", "eval_steps"),
+                            at_least_0=("lr_g", "lr_z", "eval_images"), positive=("eval_lr",))
 
     def learning_rates(self) -> tuple:
         default_g, default_z = (1.0, 10.0) if self.optimizer == "sgd" else (1e-3, 1e-2)
         return self.lr_g or default_g, self.lr_z or default_z
 
-    def initialisation(self) -> str:
-        if self.code_init != "auto":
-            return self.code_init
-        return "random" if self.fixed_latents else "pca"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,7 +277,7 @@ def principal_components(images: torch.Tensor, count: int, seed: int, max_images
 def initial_codes(images: torch.Tensor, args: Args) -> torch.Tensor:
     """One code per training image, in Z: PCA scores (the centred image projected onto the top z_dim principal
     directions), or Gaussian draws for --code-init random. Both come from --seed."""
-    if args.initialisation() == "random":
+    if args.code_init == "random":
         z = torch.randn(len(images), args.z_dim, generator=torch.Generator().manual_seed(args.seed + 17))
     else:
         mean, components = principal_components(images, args.z_dim, args.seed + 17)
@@ -314,7 +289,7 @@ def initial_codes(images: torch.Tensor, args: Args) -> torch.Tensor:
 def fit_gaussian(codes: torch.Tensor, jitter: float = 1e-6):
     """(mean, covariance, Cholesky factor) of one full-covariance Gaussian fitted to the codes (Bojanowski §4), in
     float64; the factor is of covariance + jitter * mean variance * I, so a rank-deficient fit can still be drawn."""
-    z = codes.double()
+    z = common.to_host_float64(codes)
     mean = z.mean(dim=0)
     centred = z - mean
     covariance = centred.T @ centred / max(len(z) - 1, 1)
@@ -325,8 +300,9 @@ def fit_gaussian(codes: torch.Tensor, jitter: float = 1e-6):
 
 
 def gaussian_codes(mean: torch.Tensor, factor: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """mean + L eps for standard normal eps (count, d): draws from the fitted Gaussian, in float32."""
-    return (mean + noise.to(mean) @ factor.T).float()
+    """mean + L eps for standard normal eps (count, d): draws from the fitted Gaussian, computed in float64 where the
+    fit is (the CPU) and returned in float32 where the noise is."""
+    return (mean + common.to_host_float64(noise) @ factor.T).float().to(noise.device)
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -360,19 +336,6 @@ class GLO:
     codes: nn.Embedding  # one row per training image, indexed by its position in the training set
     opt_g: torch.optim.Optimizer
     opt_z: typing.Optional[torch.optim.Optimizer]  # None with --fixed-latents
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.state_dict(), "codes": self.codes.state_dict(),
-                "opt_g": self.opt_g.state_dict(), "opt_z": self.opt_z.state_dict() if self.opt_z else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.load_state_dict(state["generator"])
-        self.codes.load_state_dict(state["codes"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        if (self.opt_z is None) != (state["opt_z"] is None):
-            raise ValueError("the checkpoint's codes were " + ("fixed" if self.opt_z else "optimised"))
-        if self.opt_z is not None:
-            self.opt_z.load_state_dict(state["opt_z"])
 
 
 def build_glo(args: Args, channels: int, codes: torch.Tensor, device: torch.device) -> GLO:
@@ -503,24 +466,6 @@ def fit_codes(generator: nn.Module, images: torch.Tensor, start: torch.Tensor, a
     return torch.cat(codes), torch.cat(reconstructions)
 
 
-@torch.no_grad()
-def nearest_neighbour_distances(samples, train_images, test_images, device, count: int = 2000) -> dict:
-    """As in dcgan.py, for comparison across models: mean distance (RMS per pixel, [0, 1] scale, at <= 32 px) from
-    test images to their nearest sample, to as many training images, and from samples to training images."""
-    def pixels(images):
-        images = images.to(device).float() / 255
-        return (F.interpolate(images, size=(32, 32), mode="area") if images.shape[-1] > 32 else images).flatten(1)
-
-    def mean_nearest_distance(queries, keys):
-        nearest = torch.cat([torch.cdist(q, keys).min(dim=1).values for q in queries.split(500)])
-        return (nearest / math.sqrt(keys.shape[1])).mean().item()
-
-    fakes, test, train = pixels(samples), pixels(test_images[:count]), pixels(train_images[:len(samples)])
-    return {"eval/nn_test_to_fake": mean_nearest_distance(test, fakes),
-            "eval/nn_test_to_train": mean_nearest_distance(test, train),
-            "eval/nn_fake_to_train": mean_nearest_distance(fakes[:count], train)}
-
-
 def evaluate(glo: GLO, args: Args, train_images: torch.Tensor, test_images: torch.Tensor, samples: torch.Tensor,
              sample_z: torch.Tensor, out, device: torch.device) -> dict:
     """Reconstruction MSE per pixel ([0, 1] scale): of every training image from its code (learned, or the fixed
@@ -551,65 +496,36 @@ def evaluate(glo: GLO, args: Args, train_images: torch.Tensor, test_images: torc
         if shown:
             common.save_image_grid(torch.cat(grid), out / "reconstructions.png", nrow=shown)
     metrics["eval/sample_norm"] = sample_z.norm(dim=1).mean().item()
-    metrics.update(nearest_neighbour_distances(samples, train_images, test_images, device))
+    metrics.update(common.nearest_neighbour_distances(samples, train_images, test_images, device, args.seed))
     return metrics
 
 
-def benchmark(glo: GLO, args: Args, batches: common.ImageBatches, run: common.Run, count: int) -> None:
+def benchmark(glo: GLO, args: Args, batches: common.Batches, run: common.Run, count: int) -> None:
     """Steps/s on real batches and on synthetic tensors of the same shape, and the share of step time spent
-    fetching real batches (which should stay under 5%)."""
-    device = run.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fetch_time = [0.0]
-
-    def timed_real_batch():
-        sync()
-        start = time.perf_counter()
-        batch = batches.next()
-        sync()
-        fetch_time[0] += time.perf_counter() - start
-        return batch
-
+    fetching real batches."""
     images, ids = batches.next()
-    synthetic = lambda: (torch.randint(0, 256, images.shape, dtype=torch.uint8, device=device),
-                         torch.randperm(count, device=device)[:len(ids)])
-    results = {}
-    for name, next_batch in (("real", timed_real_batch), ("synthetic", synthetic)):
-        for _ in range(3):  # warm-up: allocator, cudnn autotuning, compilation
-            train_step(glo, args, next_batch, device)
-        sync()
-        fetch_time[0] = 0.0
-        start = time.perf_counter()
-        for _ in range(args.benchmark_steps):
-            train_step(glo, args, next_batch, device)
-        sync()
-        elapsed = time.perf_counter() - start
-        results[name] = (args.benchmark_steps / elapsed, fetch_time[0] / elapsed)
-    images_per_step = args.batch_size * run.world_size
+    synthetic = lambda: (torch.randint(0, 256, images.shape, dtype=torch.uint8, device=run.device),  # noqa: E731
+                         torch.randperm(count, device=run.device)[:len(ids)])
+    rates = common.benchmark_training(lambda next_batch, step: train_step(glo, args, next_batch, run.device),
+                                      batches.next, synthetic, args.benchmark_steps, run.device)
     if run.is_main:
-        (real_rate, fetch_share), (synthetic_rate, _) = results["real"], results["synthetic"]
         mode = "fixed latents" if args.fixed_latents else "GLO"
-        print(f"benchmark | {mode}, {device.type} x{run.world_size}, {args.image_size} px, batch {args.batch_size}, "
-              f"loss {args.loss} | real data: {real_rate:.2f} steps/s, {real_rate * images_per_step:.0f} images/s | "
-              f"synthetic: {synthetic_rate:.2f} steps/s, {synthetic_rate * images_per_step:.0f} images/s | "
-              f"data loading {100 * fetch_share:.1f}% of step time")
+        print(f"benchmark | {mode}, {run.device.type} x{run.world_size}, {args.image_size} px, batch "
+              f"{args.batch_size}, loss {args.loss} | {common.format_rates(rates, args.batch_size * run.world_size)}")
 
 
 def main(args: Args) -> None:
-    run = common.setup(args, "glo")
-    try:
+    with common.session(args, "glo") as run:
         train(args, run)
-    finally:
-        common.teardown()
 
 
 def train(args: Args, run: common.Run) -> None:
     device = run.device
     train_data = common.load_image_dataset(args.dataset, args.data_dir, args.image_size, "train", run.out)
     count, channels = len(train_data.images), train_data.images.shape[1]
-    # the batcher returns "labels" with each batch: give it each image's index, which selects the image's code
-    indexed = common.ImageData(train_data.images, torch.arange(count), 0, train_data.name)
-    batches = common.ImageBatches(indexed, args.batch_size, args.seed, device, run.rank, run.world_size)
+    # the batcher returns each image's index with it, which selects the image's code
+    batches = common.Batches((train_data.images, torch.arange(count)), args.batch_size, args.seed, device, run.rank,
+                             run.world_size, "images")
     start_codes = torch.zeros(count, args.z_dim) if args.resume else initial_codes(train_data.images, args)
     glo = build_glo(args, channels, start_codes.to(device), device)
     common.maybe_compile(glo.generator, args.compile)
@@ -618,23 +534,21 @@ def train(args: Args, run: common.Run) -> None:
     if args.benchmark:
         return benchmark(glo, args, batches, run, count)
 
-    step = 0
-    if args.resume:
-        checkpoint = common.load_checkpoint(args.resume, map_location=device)
-        try:
-            glo.load_state_dict(checkpoint["glo"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise common.UserError(f"{args.resume} does not fit this model ({str(e).splitlines()[0][:120]}); "
-                                   f"resume with the flags and dataset it was trained with")
+    def load_state(checkpoint):
+        common.load_state_dicts(vars(glo), checkpoint["glo"])
         batches.load_state_dict(checkpoint["batches"])
-        step = checkpoint["step"]
-        common.restore_rng(checkpoint, run.rank, args.seed)
+
+    step = common.resume(args, run, load_state)["step"] if args.resume else 0
+    checkpoints = common.Checkpoints(run, "glo.py", "lower --lr-g and --lr-z, or --optimizer adam",
+                                     step if args.resume else None)
+    state = lambda: {"args": dataclasses.asdict(args), "glo": common.state_dicts(vars(glo)),  # noqa: E731
+                     "batches": batches.state_dict()}
     logger = common.MetricsLogger(run.out, total_steps, run.is_main, start_step=step,
                                   console_keys=("loss/rec", "rec/mse", "grad/g", "codes/step"))
-    mode = "fixed latents (naive regression)" if args.fixed_latents else "GLO"
+    mode = "fixed codes" if args.fixed_latents else "GLO"
     logger.print(f"glo | {mode} | {args.dataset} {tuple(train_data.images.shape)} | G "
                  f"{sum(p.numel() for p in glo.generator.parameters()):,} params, codes {count:,} x {args.z_dim} "
-                 f"({args.initialisation()}, {args.constraint}) | {args.loss} loss, {args.optimizer} lr "
+                 f"({args.code_init}, {args.constraint}) | {args.loss} loss, {args.optimizer} lr "
                  f"{args.learning_rates()} | {device} x{run.world_size} | {total_steps} steps | out {run.out}")
 
     # fixed standard-normal noise for the sample grids: each grid decodes mean + L eps of the current Gaussian fit
@@ -645,21 +559,6 @@ def train(args: Args, run: common.Run) -> None:
             mean, _, factor = fit_gaussian(glo.codes.weight.detach())
             common.save_image_grid(decode(glo.generator, gaussian_codes(mean, factor, grid_noise)), path, nrow=8)
 
-    def diverged(reason: str) -> common.UserError:
-        saved = run.out / "checkpoint.pt"
-        last = f"the last good checkpoint is {saved}" if saved.exists() else "no checkpoint was written yet"
-        return common.UserError(f"training diverged at step {step} ({reason}); {last}; try lower --lr-g and "
-                                f"--lr-z, or --optimizer adam")
-
-    def save_checkpoint():
-        finite = all(torch.isfinite(p).all() for p in glo.generator.parameters()) and \
-            torch.isfinite(glo.codes.weight).all()
-        if not finite:
-            raise diverged("non-finite weights or codes")  # never overwrite a good checkpoint with a broken model
-        common.save_checkpoint(run.out / "checkpoint.pt", {
-            "step": step, "args": dataclasses.asdict(args), "glo": glo.state_dict(),
-            "batches": batches.state_dict()})
-
     if run.is_main and not (run.out / "real_samples.png").exists():
         common.save_image_grid(train_data.images[:64], run.out / "real_samples.png", nrow=8)
 
@@ -669,42 +568,46 @@ def train(args: Args, run: common.Run) -> None:
             step += 1
             logger.update(metrics)
             if step % args.log_every == 0 or step == total_steps:
-                record = logger.log(step)
-                if not all(math.isfinite(v) for k, v in record.items() if k.startswith("loss/")):
-                    raise diverged("the loss is not finite")
+                checkpoints.check_losses(logger.log(step), step)
             if args.sample_every and step % args.sample_every == 0:
                 save_samples(run.out / f"samples_{step}.png")
             if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save_checkpoint()
+                checkpoints.save(step, state(), [glo.generator, glo.codes])
             if stop(device):
-                save_checkpoint()
-                logger.print(f"stopped at step {step}; checkpoint in {run.out / 'checkpoint.pt'}; continue with "
-                             f"python glo.py --resume {run.out}")
-                sys.exit(130)
+                checkpoints.stop(step, state(), [glo.generator, glo.codes])
 
-    save_checkpoint()
+    checkpoints.save(step, state(), [glo.generator, glo.codes])
+    common.teardown()  # the rest is rank 0's alone
+    if not run.is_main:
+        return
     if not (args.sample_every and step % args.sample_every == 0):  # else the loop just drew this grid
         save_samples(run.out / f"samples_{step}.png")
-    # every rank loads (the loader synchronises ranks); a folder has no test split, so its training images stand in
+    write_results(glo, args, train_data, run, logger, step)
+
+
+def write_results(glo: GLO, args: Args, train_data: common.ImageData, run: common.Run, logger: common.MetricsLogger,
+                  step: int) -> None:
+    """samples.npz, interpolations.png, reconstructions.png, the final evaluation and loss.png, by rank 0."""
+    device = run.device
+    # a folder has no test split, so its training images stand in
     test_data = train_data if args.dataset.startswith("folder:") else \
         common.load_image_dataset(args.dataset, args.data_dir, args.image_size, "test", run.out)
-    if run.is_main:
-        G, codes = glo.generator, glo.codes.weight.detach()
-        mean, _, factor = fit_gaussian(codes)
-        noise = torch.randn(args.num_samples, args.z_dim, generator=torch.Generator().manual_seed(args.seed + 5))
-        sample_z = gaussian_codes(mean, factor, noise.to(device))
-        samples = decode(G, sample_z)
-        common.save_samples_npz(run.out / "samples.npz", samples)
-        # 8 pairs of training images, 10 steps from the code of one to the code of the other
-        ends = torch.randperm(count, generator=torch.Generator().manual_seed(args.seed + 7))[:16].to(device)
-        t = torch.linspace(0, 1, 10, device=device)[None, :, None]
-        path = interpolate(codes[ends[:8], None], codes[ends[8:], None], t, args.constraint)
-        common.save_image_grid(decode(G, path.reshape(80, args.z_dim)), run.out / "interpolations.png", nrow=10)
-        train_images, test_images = train_data.images.to(device), test_data.images.to(device)
-        logger.log_eval(step, evaluate(glo, args, train_images, test_images, samples, sample_z, run.out, device))
-        common.plot_metrics(run.out / "metrics.jsonl", run.out / "loss.png", ("loss/", "rec/"), f"glo {args.dataset}")
-        logger.print(f"done: {run.out} (samples_{step}.png, samples.npz, reconstructions.png, interpolations.png, "
-                     f"loss.png)")
+    G, codes = glo.generator, glo.codes.weight.detach()
+    mean, _, factor = fit_gaussian(codes)
+    noise = torch.randn(args.num_samples, args.z_dim, generator=torch.Generator().manual_seed(args.seed + 5))
+    sample_z = gaussian_codes(mean, factor, noise.to(device))
+    samples = decode(G, sample_z)
+    common.save_samples_npz(run.out / "samples.npz", samples)
+    # 8 pairs of training images, 10 steps from the code of one to the code of the other
+    ends = torch.randperm(len(codes), generator=torch.Generator().manual_seed(args.seed + 7))[:16].to(device)
+    t = torch.linspace(0, 1, 10, device=device)[None, :, None]
+    path = interpolate(codes[ends[:8], None], codes[ends[8:], None], t, args.constraint)
+    common.save_image_grid(decode(G, path.reshape(80, args.z_dim)), run.out / "interpolations.png", nrow=10)
+    train_images, test_images = train_data.images.to(device), test_data.images.to(device)
+    logger.log_eval(step, evaluate(glo, args, train_images, test_images, samples, sample_z, run.out, device))
+    common.plot_metrics(run.out / "metrics.jsonl", run.out / "loss.png", ("loss/", "rec/"), f"glo {args.dataset}")
+    logger.print(f"done: {run.out} (samples_{step}.png, samples.npz, reconstructions.png, interpolations.png, "
+                 f"loss.png)")
 
 
 if __name__ == "__main__":

@@ -25,15 +25,9 @@ update rate 0.8, but its roll-out graph reads the live generator's weights (tf.i
 most readings that copy has no effect. --rollout-update R > 0 gives a real delayed copy: a separate network, copied
 from G when the adversarial phase starts, updated theta_roll <- R theta_roll + (1 - R) theta_G after each G step.
 
-Settings (the official code, LantaoYu/SeqGAN): G is an LSTM with the oracle's equations, embedding 32, hidden 32,
-weights ~ N(0, 0.1), zero initial state, start token 0 as first input; batch 64; MLE with Adam lr 0.01 and global
-gradient-norm clip 5.0 for 120 epochs; the policy-gradient step uses another Adam with the same settings. D embeds
-tokens in 64 dimensions and applies filters of widths 1-10, 15, 20 (counts 100, 200, 200, 200, 200, 100 x 5, 160,
-160), ReLU, max-over-time pooling, one highway layer, dropout 0.25 and a 2-class output (softmax cross-entropy;
-P(real) is the reward), with L2 0.2 on the output layer's weight and bias (0.2 * sum w^2 / 2, tf.nn.l2_loss), Adam
-lr 1e-4, batch 64. D pre-training: 50 x (9,984 fresh samples of G, 3 epochs over them and 9,984 real sequences).
-Adversarial training: 200 rounds of [1 G step on 64 samples with N = 16 rollouts per prefix, then 5 x (fresh samples,
-3 D epochs)]; NLL-oracle every 5 epochs and rounds. `--preset cpu` is a documented reduction for 2 CPU cores (PRESETS).
+Settings: the official code (LantaoYu/SeqGAN), each value beside its flag in `Args`; the paper's protocol is
+Algorithm 1 with 120 MLE epochs, 50 D pre-training rounds and 200 adversarial rounds of [1 G step with N = 16
+rollouts per prefix, then 5 x (fresh samples, 3 D epochs)]. `--preset cpu` is a documented reduction (PRESETS).
 
 All N (T-1) rollouts of a batch are one batched computation: G runs once over the 64 samples to get its state after
 every prefix, each state is copied N times, and all completions are drawn in lockstep, with rows ordered by prefix
@@ -45,6 +39,7 @@ a fixed random LSTM (the paper's own, or --oracle random); NLL-oracle (§4, per 
 oracle, NLL-test scores held-out oracle samples under G (NLL-oracle rewards mode collapse, NLL-test exposes it).
 Real text (`poems`, `coco`, `emnlp2017`, `file:PATH`) is tokenised at whitespace (poems: one character per token),
 padded with PAD after EOS, started from BOS; G samples seq_len tokens and a sample ends at its first EOS or PAD.
+NLL-test there counts the words and EOS of the test sentences, not PAD and not <unk> (common.TextData.scored).
 
 Run it:
     python seqgan_rl.py                                  # the paper's oracle and protocol (~17 h on 2 CPU cores)
@@ -55,22 +50,12 @@ Run it:
     python seqgan_rl.py --benchmark                      # steps/s of each part and the estimated time of a run
     python seqgan_rl.py --resume runs/<folder>           # continue an interrupted run
 
-Result on the paper's oracle (README "Results"; 2 cores of an AMD EPYC, torch 2.13 CPU, one thread per run, two
-runs side by side): `python seqgan_rl.py --preset cpu --seed S` for S = 0, 1, 2 ends at NLL-oracle 8.791, 8.754,
-8.819 (100,000 samples) in 17-18 minutes each; `--mle-only` at 9.005, 9.048, 9.021. Yu et al. (Table 1): random
-10.310, MLE 9.038, SeqGAN 8.736; the official code's README log: 9.07 after 120 MLE epochs, 8.68 after 150 rounds.
-The paper's protocol (`python seqgan_rl.py`) was not run: --benchmark puts it at ~17 hours on those 2 cores and
-~98 minutes on an H100. Per adversarial round of the cpu preset on the CPU: rollouts 1.1 s, D scoring 0.6 s, the G
-update 0.04 s, D training 2.7 s. Real text, seed 0, --preset cpu: BLEU-2 on COCO 0.710 with --mle-only and 0.748 with
-SeqGAN (Texygen's table: .731 and .745), at the cost of self-BLEU-2 0.664 -> 0.763; on the poems 0.590 -> 0.596
-(the paper: 0.667 -> 0.739, with a BLEU protocol that probably differs).
+Results: README, "seqgan_rl.py on the paper's oracle" and the real-text table after it.
 """
 
 import copy
 import dataclasses
 import math
-import sys
-import time
 import typing
 
 import torch
@@ -83,15 +68,11 @@ PAPER_FILTER_WIDTHS = "1,2,3,4,5,6,7,8,9,10,15,20"  # SeqGAN Table 5 / sequence_
 PAPER_FILTER_COUNTS = "100,200,200,200,200,100,100,100,100,100,160,160"  # dis_num_filters
 
 # What --preset sets, for every flag left at its sentinel default (-1, or "" for the filter counts); a flag given on
-# the command line wins. "paper" is the official code. "cpu" aims at showing SeqGAN beat MLE on NLL-oracle within
-# 30 minutes on 2 CPU cores. On such a machine (--benchmark) the paper's protocol takes most of a day, nearly all
-# of it in the adversarial phase: each round is one G step (seconds of rollouts and D scoring) and 4,680 steps of the
-# 7M-parameter D. So "cpu" gives D a quarter of the filters (its highway layer shrinks 16x), one D round of 2 epochs
-# over 2 x 2,048 sequences per G step, 20 pre-training rounds, 8 rollouts and 60 MLE epochs (the official log is at
-# 9.10 there, 9.07 after 120), and stops after 50 rounds, evaluating every 5. Why 50: with 200 rounds, seed 0's
-# NLL-oracle fell from 9.013 (end of MLE) to 8.741 by round 20, then climbed back (8.931 at round 110) while D's
-# mean reward sank from 0.47 to 0.07, leaving G's clipped policy-gradient steps little signal. Seeds 1 and 2 were
-# not used to choose this. Edit the values here.
+# the command line wins. "paper" is the official code. "cpu" shows SeqGAN beating MLE on NLL-oracle within 30
+# minutes on 2 CPU cores, where the paper's protocol takes most of a day, nearly all of it the 4,680 D steps of the
+# 7M-parameter D per adversarial round: D gets a quarter of the filters (its highway layer shrinks 16x), one D round
+# of 2 epochs over 2 x 2,048 sequences per G step, 20 pre-training rounds, 8 rollouts, 60 MLE epochs (the official
+# log is at 9.10 there, 9.07 after 120) and 50 rounds (README, "seqgan_rl.py on the paper's oracle", says why 50).
 PRESETS = {
     "paper": dict(pretrain_epochs=120, d_pretrain_rounds=50, d_epochs=3, d_samples=9984, d_rounds=5, rollouts=16,
                   rounds=200, eval_every=5, d_filter_counts=PAPER_FILTER_COUNTS),
@@ -105,7 +86,8 @@ SAMPLE_LINES = 100  # samples per samples_<step>.txt
 
 @dataclasses.dataclass
 class Args(common.RunArgs):
-    dataset: str = "oracle"  # oracle (the paper's synthetic data) | poems | coco | emnlp2017 | file:PATH (text)
+    dataset: str = "oracle"
+    # oracle (the paper's synthetic data) | poems | coco | emnlp2017 (ScratchGAN's JSON) | emnlp2017-texygen | file:PATH
     oracle: typing.Literal["paper", "random"] = "paper"  # paper: SeqGAN's oracle; random: N(0,1) weights from --seed
     preset: typing.Literal["paper", "cpu"] = "paper"  # values of the flags marked "preset" (see PRESETS in the file)
     batch_size: int = 64  # sequences per G and D batch (official code: 64)
@@ -156,20 +138,11 @@ class Args(common.RunArgs):
         for name, value in PRESETS[self.preset].items():
             if getattr(self, name) in (-1, ""):
                 setattr(self, name, value)
-        for name in ("emb_dim", "hidden_dim", "d_emb_dim", "d_epochs", "d_samples", "rollouts", "eval_every",
-                     "eval_samples", "final_samples", "bleu_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("pretrain_epochs", "d_pretrain_rounds", "rounds", "d_rounds", "num_samples", "max_len",
-                     "vocab_size", "d_l2"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
-        for name in ("lr_g", "lr_d", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("d_dropout", "rollout_update", "baseline_decay"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        common.check_ranges(self, at_least_1=("emb_dim", "hidden_dim", "d_emb_dim", "d_epochs", "d_samples", "rollouts",
+                                              "eval_every", "eval_samples", "final_samples", "bleu_samples"),
+                            at_least_0=("pretrain_epochs", "d_pretrain_rounds", "rounds", "d_rounds", "num_samples",
+                                        "max_len", "vocab_size", "d_l2"), positive=("lr_g", "lr_d", "grad_clip"),
+                            fraction=("d_dropout", "rollout_update", "baseline_decay"))
         if self.self_bleu_samples < 2:
             raise ValueError(f"--self-bleu-samples must be at least 2, got {self.self_bleu_samples}")
         if self.max_len == 1:
@@ -322,19 +295,11 @@ class Discriminator(nn.Module):
 # Sampling and Monte-Carlo rollouts
 # ---------------------------------------------------------------------------------------------------------------
 
-def sample_tokens(logits: torch.Tensor, rng: typing.Optional[torch.Generator] = None) -> torch.Tensor:
-    """One draw per row of softmax(logits) (n, V) -> (n,), by inverting the CDF (summed in float64): exact, and
-    several times faster than torch.multinomial over thousands of tokens on a CPU."""
-    cdf = torch.softmax(logits.float(), -1).double().cumsum_(-1)
-    u = torch.rand(len(cdf), 1, generator=rng, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=logits.shape[-1] - 1)
-
-
 def sample_next(policy: Generator, h: torch.Tensor, rng: typing.Optional[torch.Generator] = None) -> torch.Tensor:
     """y ~ softmax(h·Wo + bo) for every row of h (n, H), in chunks of rows so that the n x V logits never exist at
     once (memory, not a loop over samples: each chunk is one batched draw)."""
     rows = max(1, LOGIT_CHUNK // policy.vocab_size)
-    return torch.cat([sample_tokens(policy.logits(part), rng) for part in h.split(rows)])
+    return torch.cat([common.inverse_cdf_sample(policy.logits(part), rng) for part in h.split(rows)])
 
 
 @torch.no_grad()
@@ -394,7 +359,7 @@ def rollout_rewards(policy: Generator, discriminator: Discriminator, samples: to
     """Q(Y_1:t-1, y_t) of Yu et al. eq. 4 for every token of (B, T) samples -> (B, T): the mean of D(real) over the
     N completions of Y_1:t for t < T, and D of the whole sequence for t = T."""
     batch, length = samples.shape
-    clock = Clock(samples.device)
+    clock = common.Clock(samples.device)
     rollouts = monte_carlo_rollouts(policy, samples, start_token, num_rollouts)
     rollout_time = clock()
     scores = discriminator.prob_real(torch.cat([rollouts.reshape(-1, length), samples]), amp)  # one pass over all
@@ -403,21 +368,6 @@ def rollout_rewards(policy: Generator, discriminator: Discriminator, samples: to
         timings["time/rollout"] = timings.get("time/rollout", 0.0) + rollout_time
         timings["time/d_score"] = timings.get("time/d_score", 0.0) + clock()
     return torch.cat([q, scores[-batch:, None]], dim=1)
-
-
-class Clock:
-    """Seconds since the last call (CUDA work waited for, so the split between phases is true)."""
-
-    def __init__(self, device: torch.device):
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.sync()
-        self.last = time.perf_counter()
-
-    def __call__(self) -> float:
-        self.sync()
-        now = time.perf_counter()
-        elapsed, self.last = now - self.last, now
-        return elapsed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -537,24 +487,6 @@ class SeqGAN:
     opt_d: torch.optim.Optimizer
     baseline: typing.Optional[RewardBaseline]
 
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict(),
-                "rollout": self.rollout.state_dict() if self.rollout is not None else None,
-                "opt_mle": self.opt_mle.state_dict(), "opt_pg": self.opt_pg.state_dict(),
-                "opt_d": self.opt_d.state_dict(),
-                "baseline": self.baseline.state_dict() if self.baseline is not None else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.load_state_dict(state["generator"])
-        self.discriminator.load_state_dict(state["discriminator"])
-        if self.rollout is not None:
-            self.rollout.load_state_dict(state["rollout"])
-        self.opt_mle.load_state_dict(state["opt_mle"])
-        self.opt_pg.load_state_dict(state["opt_pg"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        if self.baseline is not None:
-            self.baseline.load_state_dict(state["baseline"])
-
     def rollout_policy(self) -> Generator:
         return self.rollout if self.rollout is not None else self.generator
 
@@ -584,7 +516,7 @@ def mle_step(gan: SeqGAN, tokens: torch.Tensor, start_token: int, args: Args) ->
 def policy_gradient_step(gan: SeqGAN, seq_len: int, start_token: int, args: Args, timings: dict) -> dict:
     """One G update of Algorithm 1: sample a batch, score every token by Monte-Carlo search (eq. 4), ascend eq. 7."""
     G = gan.generator
-    clock = Clock(G.Wo.device)
+    clock = common.Clock(G.Wo.device)
     samples = generate(G, args.batch_size, seq_len, start_token)
     timings["time/rollout"] = timings.get("time/rollout", 0.0) + clock()
     rewards = rollout_rewards(gan.rollout_policy(), gan.discriminator, samples, start_token, args.rollouts, args.amp,
@@ -633,24 +565,24 @@ def discriminator_step(gan: SeqGAN, rows: torch.Tensor, args: Args) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sequence_nll(policy: Generator, tokens: torch.Tensor, start_token: int, pad: typing.Optional[int]) -> float:
-    """G's mean NLL per token (nats) of held-out sequences, teacher-forced; for real text the PAD after EOS is not
-    counted (pad = PAD's id), for the oracle every position is (pad None)."""
-    total, count = 0.0, 0
+def sequence_nll(policy: Generator, tokens: torch.Tensor, scored: torch.Tensor, start_token: int) -> float:
+    """G's mean NLL per token (nats) of held-out sequences (B, T), teacher-forced, over the targets where `scored`
+    (B, T) is True (TextData.scored: for real text not PAD, not <unk>; for the oracle every position)."""
+    total, count = 0.0, int(scored.sum())
     rows = max(1, LOGIT_CHUNK // policy.vocab_size)
-    for chunk in tokens.split(SCORE_BATCH):
-        chunk = chunk.to(policy.Wo.device)
+    for chunk, mask in zip(tokens.split(SCORE_BATCH), scored.split(SCORE_BATCH)):
+        chunk, mask = chunk.to(policy.Wo.device), mask.to(policy.Wo.device)
         h, _ = policy.teacher_forced(chunk, start_token)  # the LSTM over many sequences, then logits a slice at a time
-        for h_part, y_part in zip(h.flatten(0, 1).split(rows), chunk.flatten().split(rows)):
+        for h_part, y_part, m_part in zip(h.flatten(0, 1).split(rows), chunk.flatten().split(rows),
+                                          mask.flatten().split(rows)):
             nll = F.cross_entropy(policy.logits(h_part).float(), y_part, reduction="none")
-            mask = y_part != pad if pad is not None else torch.ones_like(y_part, dtype=torch.bool)
-            total += (nll * mask).double().sum().item()
-            count += int(mask.sum())
+            total += common.to_host_float64(nll * m_part).sum().item()
     return total / max(count, 1)
 
 
 def evaluate(gan: SeqGAN, data: common.TextData, args: Args, count: int, seed: int) -> tuple:
-    """NLL-oracle (oracle), NLL-test, and for real text BLEU-2..5 against the test split and self-BLEU-2..5, on
+    """NLL-oracle (oracle), NLL-test (<unk> and PAD not counted), and for real text the share of test tokens that
+    are <unk>, BLEU-2..5 against the test split and self-BLEU-2..5, on
     `count` fresh samples drawn with their own generator (the training RNG is untouched). Returns (metrics, samples)."""
     G = gan.generator
     rng = torch.Generator(device=G.Wo.device).manual_seed(seed)
@@ -658,9 +590,9 @@ def evaluate(gan: SeqGAN, data: common.TextData, args: Args, count: int, seed: i
     metrics = {}
     if data.oracle is not None:
         metrics["eval/nll_oracle"] = data.oracle.nll(samples).mean().item()  # Yu et al. §4, per token
-    pad = data.vocab.index[common.PAD] if data.vocab.specials else None
-    metrics["eval/nll_test"] = sequence_nll(G, data.test, data.start_token, pad)
+    metrics["eval/nll_test"] = sequence_nll(G, data.test, data.scored(data.test), data.start_token)
     if data.oracle is None:
+        metrics["eval/oov_rate"] = data.oov_rate(data.test)
         sentences = [data.vocab.decode(s) for s in samples.cpu()]
         hypotheses = sentences[:args.bleu_samples]
         for n, score in common.bleu(hypotheses, data.test_sentences, max_n=5).items():
@@ -682,16 +614,32 @@ def sample_lines(data: common.TextData, samples: torch.Tensor) -> list:
 # The schedule: phases of optimiser steps, so that a step number says exactly where a run is
 # ---------------------------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass
+class Position:
+    """What one step of the run is (Schedule.at)."""
+
+    phase: str
+    kind: str  # "mle", "pg" (G's policy-gradient step) or "d"
+    unit: dict  # the epoch, D round or adversarial round the step belongs to, as the metrics line names it
+    ends_unit: bool  # the last step of its epoch, D round or adversarial round: a metrics line follows
+    evaluate: bool  # evaluate after this step
+    d_set: int = 0  # D steps: the number of the D round, which seeds the order of its data
+    ends_d_set: bool = False  # D steps: the last step on this D round's data
+    first_round: bool = False  # the adversarial phase's first G step (a delayed roll-out copy starts as G)
+
+
 class Schedule:
     """Every optimiser step of the run, G or D, in order:
         mle          pretrain_epochs x (steps per epoch) MLE steps
         d_pretrain   d_pretrain_rounds x [fresh samples, d_epochs x (steps per D epoch)] D steps   (not --mle-only)
         adversarial  rounds x [1 G step, then d_rounds x (fresh samples, d_epochs D epochs)]
         mle_more     --mle-only: rounds x 1 MLE step, the same number of G updates as the adversarial phase
-    locate(step) says which phase the step with that index belongs to and its position inside the phase."""
+    so that a step number says exactly where a run is: locate(step) gives its phase and its position inside it,
+    at(step) what the step does. Evaluations follow the official code: every eval_every MLE epochs and the last,
+    and right after the G step of rounds 0, eval_every, ... and the last."""
 
     def __init__(self, args: Args, g_steps_per_epoch: int, d_steps_per_epoch: int):
-        self.g_steps_per_epoch, self.d_steps_per_epoch = g_steps_per_epoch, d_steps_per_epoch
+        self.args, self.g_steps_per_epoch, self.d_steps_per_epoch = args, g_steps_per_epoch, d_steps_per_epoch
         self.d_round = args.d_epochs * d_steps_per_epoch  # D steps per D round
         self.round = 1 if args.mle_only else 1 + args.d_rounds * self.d_round  # steps per adversarial round
         self.phases = [("mle", args.pretrain_epochs * g_steps_per_epoch)]
@@ -713,14 +661,55 @@ class Schedule:
         phase, position = self.locate(step)
         return {"phase": phase, "position": position}
 
+    def at(self, step: int) -> Position:
+        args, (phase, position) = self.args, self.locate(step)
+        if phase == "mle":
+            epoch, index = divmod(position + 1, self.g_steps_per_epoch)
+            return Position(phase, "mle", {"epoch": epoch} if index == 0 else {}, index == 0,
+                            index == 0 and (epoch % args.eval_every == 0 or epoch == args.pretrain_epochs))
+        if phase == "mle_more":  # one MLE step stands for one adversarial round, evaluated on the same rounds
+            return Position(phase, "mle", {"round": position + 1}, False,
+                            position % args.eval_every == 0 or position == args.rounds - 1)
+        if phase == "d_pretrain":
+            d_round, inside = divmod(position, self.d_round)
+            last = inside + 1 == self.d_round
+            return Position(phase, "d", {"d_round": d_round + 1}, last, False, d_round, last)
+        adv_round, inside = divmod(position, self.round)
+        unit, ends = {"round": adv_round + 1}, (position + 1) % self.round == 0
+        if inside == 0:
+            return Position(phase, "pg", unit, ends, adv_round % args.eval_every == 0 or adv_round == args.rounds - 1,
+                            first_round=adv_round == 0)
+        d_round, inside = divmod(inside - 1, self.d_round)
+        return Position(phase, "d", unit, ends, False, args.d_pretrain_rounds + adv_round * args.d_rounds + d_round,
+                        inside + 1 == self.d_round)
 
-def phase_description(phase: str, args: Args, schedule: Schedule) -> str:
-    return {"mle": f"MLE pre-training: {args.pretrain_epochs} epochs x {schedule.g_steps_per_epoch} steps",
-            "d_pretrain": f"D pre-training: {args.d_pretrain_rounds} rounds x (fresh samples, {args.d_epochs} "
-                          f"epochs x {schedule.d_steps_per_epoch} steps)",
-            "adversarial": f"adversarial training: {args.rounds} rounds x (1 G step with {args.rollouts} rollouts "
-                           f"per prefix, {args.d_rounds} x {args.d_epochs} D epochs)",
-            "mle_more": f"MLE continued (--mle-only): {args.rounds} steps"}.get(phase, phase)
+    def curve_x(self, step: int) -> float:
+        """The paper's x-axis (Fig. 2): MLE epochs, then pre-training epochs + adversarial rounds."""
+        phase, position = self.locate(step)
+        if phase == "mle":
+            return position / self.g_steps_per_epoch
+        done = step - self.phases[0][1]
+        if not self.args.mle_only:
+            done -= self.phases[1][1]
+        return self.args.pretrain_epochs + max(0, done) / self.round
+
+    def check_resume(self, checkpoint: dict, path: str) -> None:
+        """A checkpoint continues only with the phase lengths it was trained with (--rounds may grow)."""
+        step, saved = checkpoint["step"], {"phase": checkpoint["phase"], "position": checkpoint["position"]}
+        extended = saved["phase"] == "done" and self.locate(step)[0] == self.phases[-1][0]
+        if self.state(step) != saved and not extended:
+            raise common.UserError(f"{path} stopped in phase {saved['phase']} at position {saved['position']}, but "
+                                   f"with these flags step {step} falls in {self.locate(step)[0]}; resume with the "
+                                   f"phase lengths it was trained with (only --rounds may grow)")
+
+    def describe(self, phase: str) -> str:
+        args = self.args
+        return {"mle": f"MLE pre-training: {args.pretrain_epochs} epochs x {self.g_steps_per_epoch} steps",
+                "d_pretrain": f"D pre-training: {args.d_pretrain_rounds} rounds x (fresh samples, {args.d_epochs} "
+                              f"epochs x {self.d_steps_per_epoch} steps)",
+                "adversarial": f"adversarial training: {args.rounds} rounds x (1 G step with {args.rollouts} "
+                               f"rollouts per prefix, {args.d_rounds} x {args.d_epochs} D epochs)",
+                "mle_more": f"MLE continued (--mle-only): {args.rounds} steps"}.get(phase, phase)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -728,11 +717,11 @@ def phase_description(phase: str, args: Args, schedule: Schedule) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 def benchmark(gan: SeqGAN, data: common.TextData, args: Args, run: common.Run, schedule: Schedule,
-              mle_batches: common.TokenBatches, train: torch.Tensor) -> None:
+              mle_batches: common.Batches, train: torch.Tensor) -> None:
     """Steps/s of MLE, D and adversarial G steps on the configured sizes, and the time of a whole run estimated
     from them. Writes nothing (the networks train on, in memory)."""
     device, start, length = run.device, data.start_token, data.seq_len
-    clock = Clock(device)
+    clock = common.Clock(device)
 
     def seconds_per_call(fn, calls: int, warmup: int = 2) -> float:
         for _ in range(warmup):
@@ -742,19 +731,15 @@ def benchmark(gan: SeqGAN, data: common.TextData, args: Args, run: common.Run, s
             fn()
         return clock() / calls
 
-    mle = seconds_per_call(lambda: mle_step(gan, mle_batches.next(), start, args), args.benchmark_steps)
+    mle = seconds_per_call(lambda: mle_step(gan, mle_batches.next()[0], start, args), args.benchmark_steps)
     clock()
-    rows = discriminator_set(gan, train, start, args)
+    d_batches = common.Batches((discriminator_set(gan, train, start, args),), args.batch_size, args.seed, device)
     negatives = clock()
-    d_batches = common.TokenBatches(rows, args.batch_size, args.seed, device)
-    d_step = seconds_per_call(lambda: discriminator_step(gan, d_batches.next(), args), args.benchmark_steps)
-    adversarial_calls = max(1, args.benchmark_steps // 10)
-    timings = {}
-    policy_gradient_step(gan, length, start, args, timings)  # warm-up
-    timings = {}
-    g_round = seconds_per_call(lambda: policy_gradient_step(gan, length, start, args, timings), adversarial_calls,
-                               warmup=0)
-    split = {k: v / adversarial_calls for k, v in timings.items()}
+    d_step = seconds_per_call(lambda: discriminator_step(gan, d_batches.next()[0], args), args.benchmark_steps)
+    calls, timings = max(1, args.benchmark_steps // 10), {}
+    policy_gradient_step(gan, length, start, args, {})  # warm-up
+    g_round = seconds_per_call(lambda: policy_gradient_step(gan, length, start, args, timings), calls, warmup=0)
+    split = {k: v / calls for k, v in timings.items()}
     clock()
     evaluate(gan, data, args, args.eval_samples if data.oracle is not None else
              max(args.bleu_samples, args.self_bleu_samples), args.seed)
@@ -787,11 +772,8 @@ def benchmark(gan: SeqGAN, data: common.TextData, args: Args, run: common.Run, s
 # ---------------------------------------------------------------------------------------------------------------
 
 def main(args: Args) -> None:
-    run = common.setup(args, "seqgan_rl")
-    try:
+    with common.session(args, "seqgan_rl") as run:
         train(args, run)
-    finally:
-        common.teardown()
 
 
 def train(args: Args, run: common.Run) -> None:
@@ -804,7 +786,7 @@ def train(args: Args, run: common.Run) -> None:
     train_tokens = data.train.to(device)
     gan = build_seqgan(args, len(data.vocab), length, device)
     common.maybe_compile(gan.discriminator, args.compile)  # G's Python loop over time is left eager
-    mle_batches = common.TokenBatches(data.train, args.batch_size, args.seed, device)
+    mle_batches = common.Batches((data.train,), args.batch_size, args.seed, device, what="sequences")
     d_steps_per_epoch = 2 * min(args.d_samples, len(data.train)) // args.batch_size
     if d_steps_per_epoch == 0:
         raise common.UserError(f"a D round of {2 * min(args.d_samples, len(data.train))} sequences is less than one "
@@ -814,31 +796,31 @@ def train(args: Args, run: common.Run) -> None:
     if args.benchmark:
         return benchmark(gan, data, args, run, schedule, mle_batches, train_tokens)
 
+    def load_state(checkpoint):
+        common.load_state_dicts(vars(gan), checkpoint["seqgan"])
+        mle_batches.load_state_dict(checkpoint["mle_batches"])
+        schedule.check_resume(checkpoint, args.resume)
+
     step, d_set, d_batches = 0, None, None
     if args.resume:
-        checkpoint = common.load_checkpoint(args.resume, map_location=device)
-        try:
-            gan.load_state_dict(checkpoint["seqgan"])
-            mle_batches.load_state_dict(checkpoint["mle_batches"])
-            step = checkpoint["step"]
-            saved = {"phase": checkpoint["phase"], "position": checkpoint["position"]}
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise common.UserError(f"{args.resume} does not fit this model ({str(e).splitlines()[0][:120]}); "
-                                   f"resume with the flags it was trained with")
-        extended = saved["phase"] == "done" and schedule.locate(step)[0] == schedule.phases[-1][0]  # more --rounds
-        if schedule.state(step) != saved and not extended:
-            raise common.UserError(f"{args.resume} stopped in phase {saved['phase']} at position {saved['position']}, "
-                                   f"but with these flags step {step} falls in {schedule.locate(step)[0]}; resume "
-                                   f"with the phase lengths it was trained with (only --rounds may grow)")
-        if checkpoint["d_set"] is not None:
+        checkpoint = common.resume(args, run, load_state)
+        step = checkpoint["step"]
+        if checkpoint["d_set"] is not None:  # resumed inside a D round: its data, and where in them
             d_set = checkpoint["d_set"]["rows"].to(device)
-            d_batches = common.TokenBatches(d_set, args.batch_size, checkpoint["d_set"]["seed"], device)
+            d_batches = common.Batches((d_set,), args.batch_size, checkpoint["d_set"]["seed"], device)
             d_batches.load_state_dict(checkpoint["d_set"]["batches"])
-        common.restore_rng(checkpoint, run.rank, args.seed)
+    checkpoints = common.Checkpoints(run, "seqgan_rl.py", "a lower --lr-g or --baseline", step if args.resume else None)
+
+    def state() -> dict:  # the phase and position, and the D round's data when a checkpoint falls inside one
+        d_round = None if d_set is None else {"rows": d_set, "seed": d_batches.seed, "batches": d_batches.state_dict()}
+        return {**schedule.state(step), "args": dataclasses.asdict(args), "seqgan": common.state_dicts(vars(gan)),
+                "mle_batches": mle_batches.state_dict(), "d_set": d_round}
+
+    networks = [gan.generator, gan.discriminator]
     logger = common.MetricsLogger(run.out, total_steps, run.is_main, start_step=step, console_keys=(
         "loss/g_mle", "loss/g_pg", "reward/mean", "loss/d", "d/acc", "eval/nll_oracle", "eval/nll_test",
         "eval/bleu2"))
-    sizes = [sum(p.numel() for p in net.parameters()) for net in (gan.generator, gan.discriminator)]
+    sizes = [sum(p.numel() for p in net.parameters()) for net in networks]
     logger.print(f"seqgan_rl | {data.name}: {len(data.train):,} train / {len(data.test):,} test sequences of "
                  f"{length} tokens, vocab {len(data.vocab):,} | G {sizes[0]:,} params, D {sizes[1]:,} params "
                  f"(widths {gan.discriminator.widths}) | {device} | {total_steps:,} of {schedule.total:,} steps | "
@@ -846,136 +828,77 @@ def train(args: Args, run: common.Run) -> None:
     if len(gan.discriminator.widths) < len(args.filter_widths()):
         logger.print(f"note: D filters wider than the {length}-token sequences are dropped")
 
-    def log_line(extra: typing.Optional[dict] = None) -> dict:
+    def log_line(extra: typing.Optional[dict] = None, evaluation: bool = False) -> None:
+        if evaluation:
+            count = args.eval_samples if data.oracle is not None else max(args.bleu_samples, args.self_bleu_samples)
+            extra = {**evaluate(gan, data, args, count, args.seed * 1_000_003 + 17 + step)[0], **(extra or {})}
         phase = schedule.locate(step - 1)[0] if step else "start"  # the phase of the step just taken
-        return logger.log(step, {**(extra or {}), "phase": phase, "curve_x": curve_x()})
-
-    def curve_x() -> float:
-        """The paper's x-axis (Fig. 2): MLE epochs, then pre-training epochs + adversarial rounds."""
-        phase, position = schedule.locate(step)
-        if phase == "mle":
-            return position / schedule.g_steps_per_epoch
-        adversarial = dict(schedule.phases).get("adversarial" if not args.mle_only else "mle_more", 0)
-        done = step - (schedule.total - adversarial)
-        return args.pretrain_epochs + max(0, done) / schedule.round
-
-    def run_evaluation(extra: typing.Optional[dict] = None) -> dict:
-        count = args.eval_samples if data.oracle is not None else max(args.bleu_samples, args.self_bleu_samples)
-        metrics, _ = evaluate(gan, data, args, count, args.seed * 1_000_003 + 17 + step)
-        return log_line({**metrics, **(extra or {})})
-
-    def diverged(reason: str) -> common.UserError:
-        saved = run.out / "checkpoint.pt"
-        last = f"the last good checkpoint is {saved}" if saved.exists() else "no checkpoint was written yet"
-        return common.UserError(f"training diverged at step {step} ({reason}); {last}; try a lower --lr-g or "
-                                f"--baseline")
-
-    def save_checkpoint():
-        if not all(torch.isfinite(p).all() for net in (gan.generator, gan.discriminator) for p in net.parameters()):
-            raise diverged("non-finite weights")  # never overwrite a good checkpoint with a broken model
-        common.save_checkpoint(run.out / "checkpoint.pt", {
-            "step": step, **schedule.state(step), "args": dataclasses.asdict(args), "seqgan": gan.state_dict(),
-            "mle_batches": mle_batches.state_dict(),
-            "d_set": None if d_set is None else {"rows": d_set, "seed": d_batches.seed,
-                                                 "batches": d_batches.state_dict()}})
-
-    def check_finite(record: dict) -> None:
-        if not all(math.isfinite(v) for k, v in record.items() if k.startswith("loss/") and isinstance(v, float)):
-            raise diverged("a loss is not finite")
+        checkpoints.check_losses(logger.log(step, {**(extra or {}), "phase": phase, "curve_x": schedule.curve_x(step)}),
+                                 step)
 
     if step == 0 and total_steps > 0:
-        run_evaluation()  # the untrained generator: Table 1's "random" row
+        log_line(evaluation=True)  # the untrained generator: Table 1's "random" row
     timings, current_phase = {}, None
     with common.StopRequest() as stop:
         while step < total_steps:
-            phase, position = schedule.locate(step)
-            if phase != current_phase:
-                logger.print(f"phase {phase_description(phase, args, schedule)} (from step {step})")
-                current_phase = phase
-            end_of_unit, evaluate_now, extra = False, False, {}
-            if phase in ("mle", "mle_more"):
-                logger.update(mle_step(gan, mle_batches.next(), start, args))
-                if phase == "mle":
-                    epoch, index = divmod(position + 1, schedule.g_steps_per_epoch)
-                    end_of_unit = index == 0
-                    evaluate_now = end_of_unit and (epoch % args.eval_every == 0 or epoch == args.pretrain_epochs)
-                    extra = {"epoch": epoch} if end_of_unit else {}
-                else:  # one MLE step stands for one adversarial round; evaluated on the same rounds
-                    evaluate_now = position % args.eval_every == 0 or position == args.rounds - 1
-                    extra = {"round": position + 1}
+            where = schedule.at(step)
+            if where.phase != current_phase:
+                logger.print(f"phase {schedule.describe(where.phase)} (from step {step})")
+                current_phase = where.phase
+            if where.kind == "mle":
+                logger.update(mle_step(gan, mle_batches.next()[0], start, args))
+            elif where.kind == "pg":
+                if where.first_round and gan.rollout is not None:
+                    gan.rollout.load_state_dict(gan.generator.state_dict())  # the delayed copy starts as G
+                timings = {}
+                logger.update(policy_gradient_step(gan, length, start, args, timings))
             else:
-                if phase == "d_pretrain":
-                    d_round, inside = divmod(position, schedule.d_round)
-                    round_id, g_turn = d_round, False
-                else:
-                    adv_round, inside = divmod(position, schedule.round)
-                    g_turn = inside == 0
-                    d_round, inside = divmod(inside - 1, schedule.d_round) if not g_turn else (0, 0)
-                    round_id = args.d_pretrain_rounds + adv_round * args.d_rounds + d_round
-                if phase == "adversarial" and g_turn:
-                    if adv_round == 0 and gan.rollout is not None:
-                        gan.rollout.load_state_dict(gan.generator.state_dict())  # the delayed copy starts as G
-                    timings = {}
-                    logger.update(policy_gradient_step(gan, length, start, args, timings))
-                    # the official code evaluates right after the G step, at rounds 0, 5, ... and the last
-                    evaluate_now = adv_round % args.eval_every == 0 or adv_round == args.rounds - 1
-                else:
-                    clock = Clock(device)
-                    if d_set is None:
-                        d_set = discriminator_set(gan, train_tokens, start, args)
-                        d_batches = common.TokenBatches(d_set, args.batch_size, args.seed * 100_003 + round_id,
-                                                        device)
-                    logger.update(discriminator_step(gan, d_batches.next(), args))
-                    if inside + 1 == schedule.d_round:
-                        d_set, d_batches = None, None
-                    timings["time/d_train"] = timings.get("time/d_train", 0.0) + clock()
-                if phase == "d_pretrain":
-                    end_of_unit = inside + 1 == schedule.d_round
-                    extra = {"d_round": d_round + 1}
-                else:
-                    end_of_unit = (position + 1) % schedule.round == 0
-                    extra = {"round": adv_round + 1}
-                    if end_of_unit:
-                        extra.update({k: round(v, 4) for k, v in timings.items()})
+                clock = common.Clock(device)
+                if d_set is None:
+                    d_set = discriminator_set(gan, train_tokens, start, args)
+                    d_batches = common.Batches((d_set,), args.batch_size, args.seed * 100_003 + where.d_set, device)
+                logger.update(discriminator_step(gan, d_batches.next()[0], args))
+                if where.ends_d_set:
+                    d_set, d_batches = None, None
+                timings["time/d_train"] = timings.get("time/d_train", 0.0) + clock()
             step += 1
-            if evaluate_now:
-                check_finite(run_evaluation(extra))
-            elif end_of_unit or step % args.log_every == 0 or step == total_steps:
-                check_finite(log_line(extra))
+            extra = dict(where.unit)
+            if where.phase == "adversarial" and where.ends_unit:
+                extra.update({k: round(v, 4) for k, v in timings.items()})
+            if where.evaluate or where.ends_unit or step % args.log_every == 0 or step == total_steps:
+                log_line(extra, evaluation=where.evaluate)
             if args.sample_every and step % args.sample_every == 0 and run.is_main:
                 rng = torch.Generator(device=device).manual_seed(args.seed + 3)
                 common.write_text_samples(run.out / f"samples_{step}.txt", sample_lines(
                     data, generate(gan.generator, SAMPLE_LINES, length, start, rng)))
             if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save_checkpoint()
+                checkpoints.save(step, state(), networks)
             if stop(device):
-                save_checkpoint()
-                logger.print(f"stopped at step {step}; checkpoint in {run.out / 'checkpoint.pt'}; continue with "
-                             f"python seqgan_rl.py --resume {run.out}")
-                sys.exit(130)
+                checkpoints.stop(step, state(), networks)
 
-    save_checkpoint()
-    if run.is_main:
-        # the final generator is the one the last evaluation scored: D rounds after the last G step leave G as is
-        count = args.final_samples if data.oracle is not None else \
-            max(args.num_samples, args.bleu_samples, args.self_bleu_samples)
-        metrics, samples = evaluate(gan, data, args, count, args.seed + 5)
-        common.write_text_samples(run.out / "samples.txt", sample_lines(data, samples[:args.num_samples]))
-        if data.oracle is not None:
-            metrics["eval/nll_oracle_samples"] = count
-        else:
-            metrics.update({"eval/bleu_hypotheses": min(args.bleu_samples, count),
-                            "eval/bleu_references": len(data.test_sentences),
-                            "eval/self_bleu_samples": min(args.self_bleu_samples, count)})
-        logger.log_eval(step, metrics)
-        plot_curves(run.out, f"seqgan_rl {data.name}{' --mle-only' if args.mle_only else ''}")
-        logger.print(f"done: {run.out} (samples.txt, loss.png, metrics.jsonl, checkpoint.pt)")
+    checkpoints.save(step, state(), networks)
+    write_results(gan, data, args, run, logger, step)
 
 
-def plot_curves(out, title: str) -> None:
-    """loss.png: NLL-oracle and NLL-test against the paper's x-axis (MLE epochs, then + adversarial rounds)."""
-    common.plot_metrics(out / "metrics.jsonl", out / "loss.png", ("eval/nll",), f"{title} (x: epochs, then + rounds)",
+def write_results(gan: SeqGAN, data: common.TextData, args: Args, run: common.Run, logger: common.MetricsLogger,
+                  step: int) -> None:
+    """samples.txt, the final evaluation (100,000 samples on the oracle, as Yu et al. §4) and loss.png. The final
+    generator is the one the last evaluation scored: D rounds after the last G step leave G as is."""
+    count = args.final_samples if data.oracle is not None else \
+        max(args.num_samples, args.bleu_samples, args.self_bleu_samples)
+    metrics, samples = evaluate(gan, data, args, count, args.seed + 5)
+    common.write_text_samples(run.out / "samples.txt", sample_lines(data, samples[:args.num_samples]))
+    if data.oracle is not None:
+        metrics["eval/nll_oracle_samples"] = count
+    else:
+        metrics.update({"eval/bleu_hypotheses": min(args.bleu_samples, count),
+                        "eval/bleu_references": len(data.test_sentences),
+                        "eval/self_bleu_samples": min(args.self_bleu_samples, count)})
+    logger.log_eval(step, metrics)
+    common.plot_metrics(run.out / "metrics.jsonl", run.out / "loss.png", ("eval/nll",),
+                        f"seqgan_rl {data.name}{' --mle-only' if args.mle_only else ''} (x: epochs, then + rounds)",
                         x_key="curve_x")
+    logger.print(f"done: {run.out} (samples.txt, loss.png, metrics.jsonl, checkpoint.pt)")
 
 
 if __name__ == "__main__":

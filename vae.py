@@ -28,7 +28,16 @@ et al. 2017, PixelCNN++ eq. 2, one component): a probability mass over the 256 v
 length for the 8-bit data, and bits/dim = nll / (D ln 2) is comparable with the bits/dim of a flow (which reaches
 the same quantity by adding D log 256 to its density of data scaled to [0, 1]). `--likelihood logistic` also works
 on MNIST, for a bits/dim on the 8-bit digits.
-eval/nll is in nats per image, eval/bpd is that divided by D ln 2 with D = C x H x W (784 on MNIST).
+eval/nll is in nats per image. Divided by D ln 2, D = C x H x W, it is eval/bpd for the 8-bit logistic, comparable
+with the flow's bits/dim, and eval/bits_per_binary_pixel for the Bernoulli decoder: bits per *binarised* pixel,
+a different quantity (a binary pixel holds at most 1 bit, an 8-bit one 8), never to be put beside a bits/dim.
+
+Burda's code (yburda/iwae) differs from its paper in ways that matter for its 86.76 nats: it starts the decoder's
+output bias at the logit of the training images' mean (datasets.get_train_bias_np), done here too (--decoder-bias);
+it sums the loss over its batch of 20 where this file averages over the batch, so its Adam epsilon 1e-4 acts on
+gradients 20 times larger: Adam is otherwise invariant to the loss's scale, and eps 1e-4 / 20 = 5e-6 on the mean is
+its equivalent (--adam-eps). Its Adam has beta1 0.99, not the paper's 0.9, and starts its second moments at 1;
+it trains on the first 59,600 training images. Those three are left as the paper says.
 
 Networks: `--arch mlp` is Burda's one-stochastic-layer model, two deterministic layers of 200 tanh units in each of
 q and p and 50 latent units (Burda §5); `--arch conv` has two strided convolutions each way.
@@ -43,19 +52,11 @@ Run it:
     python vae.py --resume runs/<folder> --eval-k 5000   # evaluate a finished run again, with k = 5000
     torchrun --nproc_per_node=2 vae.py                # one process per GPU (or CPU: gloo)
 
-Result (binarised MNIST, Bernoulli decoder, 784 dims, seed 0; README "Results"). On 2 cores of an AMD EPYC, torch
-2.13 CPU, OMP_NUM_THREADS=1: `python vae.py` (50 epochs) takes 4 min 16 s for a test NLL of 93.90 nats (k = 1,000,
-all 10,000 test images); `--epochs 400 --eval-k 5000` reaches 88.51 nats in 25 min 31 s and `--epochs 1500 --eval-k
-5000` 87.24 nats (0.161 bits/dim, ELBO 90.54, 15 active units) in 87 min 31 s. The conv arch, 140 epochs on one core
-(79 min), reaches 83.79 nats at k = 1,000; on an H100, `--arch conv --epochs 80 --eval-k 5000 --device cuda` reaches
-84.26 nats in 3 min 14 s. Burda et al. (Table 1) report 86.76 nats for the MLP VAE and 84.78 for the IWAE with k =
-50, after 3,280 passes at batch 20: 2.2 times the passes of the 1,500-epoch run.
+Results: README, "vae.py".
 """
 
 import dataclasses
 import math
-import sys
-import time
 import typing
 
 import torch
@@ -90,9 +91,13 @@ class Args(common.RunArgs):
     lr_schedule: typing.Literal["cosine", "burda", "constant"] = "cosine"
     # cosine: to 0 over --epochs (for a fixed short budget); burda: lr * 10^(-i/7) for 3^i passes, i = 0..7, 3,280
     # passes in all (Burda §5; a shorter run follows its start); constant
-    beta1: float = 0.9  # Adam beta1 (Burda §5)
+    beta1: float = 0.9  # Adam beta1 (Burda §5; their code's Adam has 0.99)
     beta2: float = 0.999  # Adam beta2 (Burda §5)
-    adam_eps: float = 1e-4  # Adam epsilon (Burda §5: 10^-4)
+    adam_eps: float = 5e-6
+    # Adam epsilon: Burda §5's 10^-4 is on a loss summed over 20 images, which is 10^-4 / 20 on this per-image mean
+    decoder_bias: typing.Literal["data", "zero"] = "data"
+    # Bernoulli decoder's output bias at the start: the logit of the training images' mean, per pixel for the MLP and
+    # per channel for conv (Burda's code: get_train_bias_np, the mean clipped to [0.001, 0.999]); zero: PyTorch's
     eval_k: int = 1000  # importance samples per test image for eval/nll (Burda §5 reports k = 5000)
     eval_images: int = 0  # test images for the evaluations (0: the whole test split, 10,000 for MNIST)
     eval_rows: int = 5000  # decoder evaluations per pass when evaluating: bounds the memory a large k needs
@@ -104,19 +109,10 @@ class Args(common.RunArgs):
     def __post_init__(self):
         super().__post_init__()
         common.check_image_dataset(self.dataset)
-        for name in ("z_dim", "hidden", "conv_width", "iw_train", "eval_k", "eval_rows", "eval_every_k",
-                     "eval_every_images", "num_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("kl_warmup", "eval_images", "eval_every", "beta", "image_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
-        for name in ("lr", "adam_eps"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        common.check_ranges(self, at_least_1=("z_dim", "hidden", "conv_width", "iw_train", "eval_k", "eval_rows",
+                                              "eval_every_k", "eval_every_images", "num_samples"),
+                            at_least_0=("kl_warmup", "eval_images", "eval_every", "beta", "image_size"),
+                            positive=("lr", "adam_eps"), fraction=("beta1", "beta2"))
         if self.iw_train > 1 and (self.beta != 1 or self.kl_warmup):
             raise ValueError("--beta and --kl-warmup weight the ELBO's KL term, which the importance-weighted bound "
                              "(--iw-train > 1) does not have; use one or the other")
@@ -245,9 +241,16 @@ class VAE(nn.Module):
         return common.to_uint8(decoded.chunk(2, dim=1)[0].clamp(-1, 1))
 
 
-def build_model(args: Args, channels: int, device: torch.device) -> VAE:
-    model = VAE(args.arch, args.decoder_likelihood(), channels, args.size(), args.z_dim, args.hidden,
-                args.conv_width).to(device)
+def build_model(args: Args, train_images: torch.Tensor, device: torch.device) -> VAE:
+    model = VAE(args.arch, args.decoder_likelihood(), train_images.shape[1], args.size(), args.z_dim, args.hidden,
+                args.conv_width)
+    if args.decoder_bias == "data" and model.likelihood == "bernoulli":  # Burda's code: datasets.get_train_bias_np
+        mean = train_images.double().mean(dim=0) / 255  # (C, H, W): each pixel's probability of being on
+        last = model.decoder.net[-1] if args.arch == "mlp" else model.decoder.convs[-1]
+        with torch.no_grad():
+            last.bias.copy_(torch.logit(mean.clamp(0.001, 0.999)).flatten() if args.arch == "mlp" else
+                            torch.logit(mean.mean(dim=(1, 2)).clamp(0.001, 0.999)))
+    model = model.to(device)
     common.broadcast_module(model)  # every rank starts from rank 0's weights
     return model
 
@@ -348,12 +351,12 @@ class TrainingData:
     binarisation", Burda §5), with a generator seeded by (seed, epoch, batch, rank): every epoch draws new bits, the
     same seed draws the same bits, and a resumed run continues the uninterrupted run's draws exactly."""
 
-    def __init__(self, batches: common.ImageBatches, likelihood: str, seed: int, rank: int = 0):
+    def __init__(self, batches: common.Batches, likelihood: str, seed: int, rank: int = 0):
         self.batches, self.likelihood, self.seed, self.rank = batches, likelihood, seed, rank
         self.device = batches.device
 
     def next(self) -> torch.Tensor:
-        images, _ = self.batches.next()
+        (images,) = self.batches.next()
         if self.likelihood != "bernoulli":
             return images.float()
         epoch, index = self.batches.epoch, self.batches.index  # index: the batch just taken, counted from 1
@@ -399,13 +402,6 @@ def kl_weight(args: Args, step: int) -> float:
 class Trainer:
     model: VAE
     optimizer: torch.optim.Optimizer
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def train_step(trainer: Trainer, args: Args, x: torch.Tensor, step: int, planned_steps: int) -> dict:
@@ -475,21 +471,23 @@ def save_manifold(model: VAE, path, count: int = 20) -> None:
 
 @torch.no_grad()
 def importance_weighted_bounds(model: VAE, x: torch.Tensor, k: int, rows: int, generator: torch.Generator,
-                               amp: bool = False, progress=None):
+                               progress=None):
     """Per image: the k-sample importance-weighted bound L_k (Burda eq. 8), whose negative is the NLL estimate, and
     the ELBO estimated from the same k draws (the mean log-weight). Images go through in groups and the k samples
-    in chunks of at most `rows` decoder evaluations, the chunks combined by a running log-sum-exp in float64, so
-    memory stays bounded for any k. Also returns the encoder means, for the active-unit count."""
+    in chunks of at most `rows` decoder evaluations, in float32 whatever --amp says; the chunks are combined by a
+    running log-sum-exp in float64 on the CPU, so memory stays bounded for any k. Also returns the encoder means,
+    for the active-unit count."""
     chunk = min(k, rows)
     group = max(1, rows // chunk)
     bounds, elbos, means = [], [], []
     for start in range(0, len(x), group):
         batch = x[start:start + group]
         mu, logvar = model.encode(batch)
-        log_sum = torch.full((len(batch),), -math.inf, dtype=torch.float64, device=x.device)
-        weight_sum = torch.zeros(len(batch), dtype=torch.float64, device=x.device)
+        log_sum = torch.full((len(batch),), -math.inf, dtype=torch.float64)
+        weight_sum = torch.zeros(len(batch), dtype=torch.float64)
         for done in range(0, k, chunk):
-            log_w = log_importance_weights(model, batch, mu, logvar, min(chunk, k - done), generator, amp).double()
+            log_w = common.to_host_float64(log_importance_weights(model, batch, mu, logvar, min(chunk, k - done),
+                                                                  generator))
             log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, dim=0))
             weight_sum += log_w.sum(dim=0)
         bounds.append(log_sum - math.log(k))
@@ -503,25 +501,27 @@ def importance_weighted_bounds(model: VAE, x: torch.Tensor, k: int, rows: int, g
 def active_units(means: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
     """Burda §5: unit u is active if A_u = Cov_x(E_q(u|x)[u]) > 10^-2, the variance over the data of its
     posterior mean. An inactive unit's posterior is the same for every x: it carries no information."""
-    return int((means.double().var(dim=0) > threshold).sum().item())
+    return int((common.to_host_float64(means).var(dim=0) > threshold).sum().item())
 
 
 @torch.no_grad()
 def evaluate(model: VAE, x: torch.Tensor, k: int, args: Args, prefix: str = "eval", progress=None) -> dict:
     """eval/nll: -L_k averaged over the test images, in nats per image, with its standard error over images (the
-    spread of the data, not Monte Carlo error); eval/bpd: the same in bits per dimension; eval/elbo: the negative
-    ELBO; eval/active_units. Fixed noise, so the same model always gets the same numbers."""
+    spread of the data, not Monte Carlo error); the same in bits per binarised pixel (Bernoulli) or bits per 8-bit
+    dimension (eval/bpd, logistic); eval/elbo: the negative
+    ELBO; eval/active_units. Fixed noise, so the same model always gets the same numbers; float32 with TF32 off."""
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=x.device).manual_seed(args.seed + 13)
     with common.exact_float32():
-        bounds, elbos, means = importance_weighted_bounds(model, x, k, args.eval_rows, generator, args.amp, progress)
+        bounds, elbos, means = importance_weighted_bounds(model, x, k, args.eval_rows, generator, progress)
     model.train(was_training)
     nll = -bounds
     dims = math.prod(x.shape[1:])
     metrics = {f"{prefix}/nll": nll.mean().item(),
                f"{prefix}/stderr_nll": (nll.std() / math.sqrt(len(nll))).item() if len(nll) > 1 else 0.0,
-               f"{prefix}/bpd": nll.mean().item() / (dims * math.log(2)),
+               f"{prefix}/{'bits_per_binary_pixel' if model.likelihood == 'bernoulli' else 'bpd'}":
+                   nll.mean().item() / (dims * math.log(2)),
                f"{prefix}/elbo": -elbos.mean().item(),
                f"{prefix}/active_units": active_units(means),
                f"{prefix}/k": k, f"{prefix}/images": len(x)}
@@ -532,60 +532,29 @@ def benchmark(trainer: Trainer, args: Args, data: TrainingData, run: common.Run,
     """Training steps/s on real (freshly binarised) batches and on synthetic tensors of the same shape, the share
     of step time spent preparing real batches, and the rates of sampling and of the importance-weighted evaluation."""
     device = run.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fetch_time = [0.0]
-
-    def timed_real_batch():
-        sync()
-        start = time.perf_counter()
-        batch = data.next()
-        sync()
-        fetch_time[0] += time.perf_counter() - start
-        return batch
-
     shape = data.next().shape
-    synthetic = (lambda: torch.randint(0, 2, shape, device=device).float()) if args.decoder_likelihood() == \
-        "bernoulli" else (lambda: torch.randint(0, 256, shape, device=device).float())
-    results = {}
-    for name, next_batch in (("real", timed_real_batch), ("synthetic", synthetic)):
-        for step in range(3):  # warm-up: allocator, cudnn autotuning, compilation
-            train_step(trainer, args, next_batch(), step, planned_steps)
-        sync()
-        fetch_time[0] = 0.0
-        start = time.perf_counter()
-        for step in range(args.benchmark_steps):
-            train_step(trainer, args, next_batch(), step, planned_steps)
-        sync()
-        elapsed = time.perf_counter() - start
-        results[name] = (args.benchmark_steps / elapsed, fetch_time[0] / elapsed)
-
-    model = trainer.model
+    high = 2 if args.decoder_likelihood() == "bernoulli" else 256
+    rates = common.benchmark_training(
+        lambda next_batch, step: train_step(trainer, args, next_batch(), step, planned_steps), data.next,
+        lambda: torch.randint(0, high, shape, device=device).float(), args.benchmark_steps, device)
+    model, clock = trainer.model, common.Clock(device)
     z = torch.randn(1000, args.z_dim, device=device)
     decode_means(model, z)
-    sync()
-    start = time.perf_counter()
+    clock()
     decode_means(model, z)
-    sync()
-    sample_rate = len(z) / (time.perf_counter() - start)
-    x = synthetic()[:max(1, args.eval_rows // 1000)]
+    sample_rate = len(z) / clock()
+    x = torch.randint(0, high, (max(1, args.eval_rows // 1000), *shape[1:]), device=device).float()
     generator = torch.Generator(device=device).manual_seed(0)
-    importance_weighted_bounds(model, x, 1000, args.eval_rows, generator, args.amp)
-    sync()
-    start = time.perf_counter()
-    importance_weighted_bounds(model, x, 1000, args.eval_rows, generator, args.amp)
-    sync()
-    iw_rate = len(x) * 1000 / (time.perf_counter() - start)
-    images_per_step = args.batch_size * run.world_size
+    importance_weighted_bounds(model, x, 1000, args.eval_rows, generator)
+    clock()
+    importance_weighted_bounds(model, x, 1000, args.eval_rows, generator)
+    iw_rate = len(x) * 1000 / clock()
     if run.is_main:
-        (real_rate, fetch_share), (synthetic_rate, _) = results["real"], results["synthetic"]
-        k5000_minutes = 10_000 * 5000 / iw_rate / 60
-        print(f"benchmark | {device.type} x{run.world_size}, {args.arch}, {args.decoder_likelihood()}, "
-              f"batch {args.batch_size}{f', iw-train {args.iw_train}' if args.iw_train > 1 else ''} | "
-              f"real data: {real_rate:.2f} steps/s, {real_rate * images_per_step:.0f} images/s | "
-              f"synthetic: {synthetic_rate:.2f} steps/s, {synthetic_rate * images_per_step:.0f} images/s | "
-              f"data preparation {100 * fetch_share:.1f}% of step time | sampling: {sample_rate:.0f} samples/s | "
-              f"IW evaluation: {iw_rate:.0f} importance samples/s ({k5000_minutes:.1f} min for k = 5000 on 10,000 "
-              f"images)")
+        iw = f", iw-train {args.iw_train}" if args.iw_train > 1 else ""
+        print(f"benchmark | {device.type} x{run.world_size}, {args.arch}, {args.decoder_likelihood()}, batch "
+              f"{args.batch_size}{iw} | {common.format_rates(rates, args.batch_size * run.world_size)} | "
+              f"sampling: {sample_rate:.0f} samples/s | IW evaluation: {iw_rate:.0f} importance samples/s "
+              f"({10_000 * 5000 / iw_rate / 60:.1f} min for k = 5000 on 10,000 images)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -593,73 +562,51 @@ def benchmark(trainer: Trainer, args: Args, data: TrainingData, run: common.Run,
 # ---------------------------------------------------------------------------------------------------------------
 
 def main(args: Args) -> None:
-    run = common.setup(args, "vae")
-    try:
+    with common.session(args, "vae") as run:
         train(args, run)
-    finally:
-        common.teardown()
 
 
 def train(args: Args, run: common.Run) -> None:
     device = run.device
     likelihood = args.decoder_likelihood()
     train_data = common.load_image_dataset(args.dataset, args.data_dir, args.size(), "train", run.out)
-    channels = train_data.images.shape[1]
-    model = build_model(args, channels, device)
+    model = build_model(args, train_data.images, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps)
     trainer = Trainer(model, optimizer)
     common.maybe_compile(model.encoder, args.compile)  # encode/decode are methods, so compile the two networks
     common.maybe_compile(model.decoder, args.compile)
-    batches = common.ImageBatches(train_data, args.batch_size, args.seed, device, run.rank, run.world_size)
+    batches = common.Batches((train_data.images,), args.batch_size, args.seed, device, run.rank, run.world_size,
+                             "images")
     data = TrainingData(batches, likelihood, args.seed, run.rank)
     planned_steps = args.epochs * batches.steps_per_epoch
     total_steps = min(planned_steps, args.max_steps or planned_steps)
     if args.benchmark:
         return benchmark(trainer, args, data, run, planned_steps)
 
-    step = 0
-    if args.resume:
-        checkpoint = common.load_checkpoint(args.resume, map_location=device)
-        try:
-            trainer.load_state_dict(checkpoint["trainer"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise common.UserError(f"{args.resume} does not fit this model ({str(e).splitlines()[0][:120]}); "
-                                   f"resume with the flags it was trained with")
+    def load_state(checkpoint):
+        common.load_state_dicts(vars(trainer), checkpoint["trainer"])
         batches.load_state_dict(checkpoint["batches"])
-        step = checkpoint["step"]
-        common.restore_rng(checkpoint, run.rank, args.seed)
 
+    step = common.resume(args, run, load_state)["step"] if args.resume else 0
+    checkpoints = common.Checkpoints(run, "vae.py", "a lower --lr", step if args.resume else None)
+    state = lambda: {"args": dataclasses.asdict(args), "trainer": common.state_dicts(vars(trainer)),  # noqa: E731
+                     "batches": batches.state_dict()}
     # a folder has no test split, so its training images stand in
     test_images = train_data.images if args.dataset.startswith("folder:") else \
         common.load_image_dataset(args.dataset, args.data_dir, args.size(), "test", run.out).images
-    if args.eval_images:
-        test_images = test_images[:args.eval_images]
-    test_x = prepare_once(test_images, likelihood).to(device)
+    test_x = prepare_once(test_images[:args.eval_images or len(test_images)], likelihood).to(device)
 
     logger = common.MetricsLogger(run.out, total_steps, run.is_main, start_step=step,
                                   console_keys=("loss/elbo", "loss/iwae", "loss/recon", "loss/kl", "test/nll"))
-    parameters = sum(p.numel() for p in model.parameters())
     logger.print(f"vae | {args.dataset} {tuple(train_data.images.shape)}, {likelihood} | {args.arch}, z {args.z_dim}, "
-                 f"{parameters:,} params | {device} x{run.world_size} | {total_steps} steps | out {run.out}")
-
+                 f"{sum(p.numel() for p in model.parameters()):,} params | {device} x{run.world_size} | "
+                 f"{total_steps} steps | out {run.out}")
     grid_z = torch.randn(64, args.z_dim, device=device, generator=torch.Generator(device=device).manual_seed(
         args.seed + 3))  # fixed noise: successive grids show the same z
 
     def save_samples(path):
         if run.is_main:
             common.save_image_grid(decode_means(model, grid_z), path, nrow=8)
-
-    def diverged(reason: str) -> common.UserError:
-        saved = run.out / "checkpoint.pt"
-        last = f"the last good checkpoint is {saved}" if saved.exists() else "no checkpoint was written yet"
-        return common.UserError(f"training diverged at step {step} ({reason}); {last}; try a lower --lr")
-
-    def save_checkpoint():
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise diverged("non-finite weights")  # never overwrite a good checkpoint with a broken model
-        common.save_checkpoint(run.out / "checkpoint.pt", {
-            "step": step, "args": dataclasses.asdict(args), "trainer": trainer.state_dict(),
-            "batches": batches.state_dict()})
 
     if run.is_main and not (run.out / "real_samples.png").exists():  # training images as the model sees them
         common.save_image_grid(to_picture(prepare_once(train_data.images[:64], likelihood), likelihood),
@@ -675,29 +622,30 @@ def train(args: Args, run: common.Run) -> None:
                 # only rank 0 evaluates; the other ranks wait for it at their next gradient exchange
                 extra = evaluate(model, test_x[:args.eval_every_images], args.eval_every_k, args, "test") \
                     if quick_eval and run.is_main else None
-                record = logger.log(step, extra)
-                if not all(math.isfinite(v) for k, v in record.items() if k.startswith("loss/")):
-                    raise diverged("a loss is not finite")
+                checkpoints.check_losses(logger.log(step, extra), step)
             if args.sample_every and step % args.sample_every == 0:
                 save_samples(run.out / f"samples_{step}.png")
             if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save_checkpoint()
+                checkpoints.save(step, state(), [model])
             if stop(device):
-                save_checkpoint()
-                logger.print(f"stopped at step {step}; checkpoint in {run.out / 'checkpoint.pt'}; continue with "
-                             f"python vae.py --resume {run.out}")
-                sys.exit(130)
+                checkpoints.stop(step, state(), [model])
 
-    save_checkpoint()
-    if run.world_size > 1:  # no rank tears down its process group while another is still inside the last collective
-        torch.distributed.barrier()
-    if not run.is_main:  # rank 0 alone draws the pictures and evaluates
+    checkpoints.save(step, state(), [model])
+    common.teardown()  # the rest is rank 0's alone
+    if not run.is_main:
         return
     if not (args.sample_every and step % args.sample_every == 0):  # else the loop just drew this grid
         save_samples(run.out / f"samples_{step}.png")
+    write_results(model, args, test_x, run, logger, step)
+
+
+def write_results(model: VAE, args: Args, test_x: torch.Tensor, run: common.Run, logger: common.MetricsLogger,
+                  step: int) -> None:
+    """samples.npz, reconstructions.png (and manifold.png), the final evaluation and loss.png, by rank 0."""
     model.eval()
-    final_noise = torch.Generator(device=device).manual_seed(args.seed + 5)
-    samples = decode_means(model, torch.randn(args.num_samples, args.z_dim, device=device, generator=final_noise))
+    final_noise = torch.Generator(device=run.device).manual_seed(args.seed + 5)
+    samples = decode_means(model, torch.randn(args.num_samples, args.z_dim, device=run.device,
+                                              generator=final_noise))
     common.save_samples_npz(run.out / "samples.npz", samples)
     save_reconstructions(model, test_x, run.out / "reconstructions.png")
     if args.z_dim == 2:
@@ -711,7 +659,7 @@ def train(args: Args, run: common.Run) -> None:
 
     logger.log_eval(step, evaluate(model, test_x, args.eval_k, args, "eval", progress))
     common.plot_metrics(run.out / "metrics.jsonl", run.out / "loss.png", ("loss/", "test/nll", "test/elbo"),
-                        f"vae {args.dataset} ({args.arch}, {likelihood})")
+                        f"vae {args.dataset} ({args.arch}, {args.decoder_likelihood()})")
     extra = ", manifold.png" if args.z_dim == 2 else ""
     logger.print(f"done: {run.out} (samples_{step}.png, samples.npz, reconstructions.png{extra}, loss.png)")
 

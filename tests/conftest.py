@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny dataset in MNIST's own file format, a local HTTP server, the real-data location."""
+"""Shared fixtures and helpers: a tiny dataset in MNIST's own file format, a local HTTP server, the real-data
+location, and what every model's tests do with a run (its metrics lines, its command line, bit-exact comparisons)."""
 
 import functools
 import gzip
 import http.server
+import json
 import os
 import struct
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -87,3 +90,56 @@ def real_idx_dir(dataset: str):
     if dataset == "fashion-mnist" and Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file():
         return Path("/nonexistent-data-dir")  # the loader falls back to the Debian package's location
     return None
+
+
+# ---- runs ---------------------------------------------------------------------------------------------------------
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # for subprocesses: tiny networks, two cores shared
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks run fastest on one thread; on a busy 2-core machine two threads spin against each other at
+    every OpenMP barrier (the seqgan and flow tests took 3-7 times longer with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def metrics_lines(out: Path) -> list:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def training_lines(rows: list) -> list:
+    """The metrics lines of training, without the final evaluation and without wall-clock fields."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows if not r.get("final")]
+
+
+def assert_same(a, b, where: str = "") -> None:
+    """Nested dicts, lists and tensors equal bit for bit (a checkpoint against another)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def argv(flags: dict) -> list:
+    """{"batch_size": 8, ...} -> ["--batch-size", "8", ...]"""
+    return [part for key, value in flags.items() for part in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def run_cli(main, args_cls, flags: list, capsys):
+    """common.run_cli in-process: (exit status, stderr)."""
+    import common
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(main, args_cls, flags)
+    return exit_info.value.code, capsys.readouterr().err

@@ -6,7 +6,10 @@ import io
 import json
 import os
 import pickle
+import re
 import socket
+import subprocess
+import sys
 import tarfile
 import typing
 
@@ -16,7 +19,7 @@ import torch
 from PIL import Image
 
 import common
-from conftest import tiny_digits, write_idx
+from conftest import ONE_THREAD, ROOT, tiny_digits, write_idx
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,7 +224,7 @@ class _Exploit:
 
 def test_restricted_unpickler_loads_arrays_and_refuses_anything_else():
     batch = {b"data": np.arange(12, dtype=np.uint8).reshape(2, 6), b"labels": [1, 2]}
-    for protocol in (2, 4):
+    for protocol in (2, 4, 5):  # 5: Python 3.14's default, which writes arrays through numpy's _frombuffer
         loaded = common.restricted_load(pickle.dumps(batch, protocol=protocol))
         assert np.array_equal(loaded[b"data"], batch[b"data"]) and loaded[b"labels"] == [1, 2]
     with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system|refusing"):
@@ -324,22 +327,26 @@ def test_missing_data_without_network_says_where_to_put_it(tmp_path, monkeypatch
 
 
 def test_batches_cover_each_epoch_once_and_resume_exactly():
-    data = common.ImageData(torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1), None, 0, "toy")
-    batches = common.ImageBatches(data, 4, seed=1, device=torch.device("cpu"))
-    epoch = torch.cat([batches.next()[0].flatten() for _ in range(5)])
+    images, labels = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1), torch.arange(20) * 10
+    batches = common.Batches((images, labels), 4, seed=1, device=torch.device("cpu"))
+    first = [batches.next() for _ in range(5)]
+    epoch = torch.cat([b[0].flatten() for b in first])
     assert sorted(epoch.tolist()) == list(range(20))
+    assert all(torch.equal(x.flatten().long() * 10, y) for x, y in first)  # rows of both tensors stay together
     second = [batches.next()[0].flatten() for _ in range(2)]
     state = batches.state_dict()
     rest = [batches.next()[0].flatten() for _ in range(6)]
-    resumed = common.ImageBatches(data, 4, seed=1, device=torch.device("cpu"))
+    resumed = common.Batches((images, labels), 4, seed=1, device=torch.device("cpu"))
     resumed.load_state_dict(state)
     assert all(torch.equal(a, resumed.next()[0].flatten()) for a in rest)
     assert not torch.equal(torch.cat(second), epoch[:8])  # a fresh permutation each epoch
+    unlabelled = common.Batches((images, None), 4, seed=1, device=torch.device("cpu"))
+    assert unlabelled.next()[1] is None and torch.equal(unlabelled.next()[0], first[1][0])
 
 
 def test_batches_give_each_rank_its_own_shard():
-    data = common.ImageData(torch.arange(24, dtype=torch.uint8).view(24, 1, 1, 1), None, 0, "toy")
-    ranks = [common.ImageBatches(data, 3, seed=0, device=torch.device("cpu"), rank=r, world_size=2)
+    images = torch.arange(24, dtype=torch.uint8).view(24, 1, 1, 1)
+    ranks = [common.Batches((images,), 3, seed=0, device=torch.device("cpu"), rank=r, world_size=2)
              for r in range(2)]
     seen = [torch.cat([b.next()[0].flatten() for _ in range(b.steps_per_epoch)]) for b in ranks]
     assert set(seen[0].tolist()).isdisjoint(seen[1].tolist())
@@ -347,9 +354,9 @@ def test_batches_give_each_rank_its_own_shard():
 
 
 def test_a_batch_bigger_than_the_dataset_is_a_user_error():
-    data = common.ImageData(torch.zeros(5, 1, 2, 2, dtype=torch.uint8), None, 0, "toy")
-    with pytest.raises(common.UserError, match="lower --batch-size"):
-        common.ImageBatches(data, 8, seed=0, device=torch.device("cpu"))
+    with pytest.raises(common.UserError, match="5 images are fewer than one batch of 8; lower --batch-size"):
+        common.Batches((torch.zeros(5, 1, 2, 2, dtype=torch.uint8),), 8, seed=0, device=torch.device("cpu"),
+                       what="images")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -470,3 +477,140 @@ def test_checkpoints_refuse_pickled_code(tmp_path):
     torch.save({"x": _Exploit()}, tmp_path / "evil.pt")
     with pytest.raises(common.UserError):
         common.load_checkpoint(tmp_path / "evil.pt")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torchrun: gradients averaged right, and rank 0 downloading before the others read
+# ---------------------------------------------------------------------------------------------------------------
+
+DDP_SCRIPT = '''
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import common
+
+args = common.RunArgs(batch_size=int(sys.argv[2]), out=sys.argv[3], device="cpu", deterministic=True)
+with common.session(args, "ddp-check") as run:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))  # no BatchNorm
+    common.broadcast_module(model)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+    y = x.sum(1, keepdim=True).sin()
+    batches = common.Batches((x, y), args.batch_size, 0, run.device, run.rank, run.world_size)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(6):
+        xb, yb = batches.next()
+        loss = (model(xb) - yb).pow(2).mean()  # a mean over this rank's share of the global batch
+        optimiser.zero_grad()
+        loss.backward()
+        common.all_reduce_gradients(model)
+        optimiser.step()
+    if run.is_main:
+        torch.save(model.state_dict(), f"{args.out}/weights.pt")
+'''
+
+
+def torchrun(script, *script_args, processes=2, timeout=240):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={processes}", str(script), *map(str, script_args)],
+                          capture_output=True, text=True, timeout=timeout, env=ONE_THREAD)
+
+
+def test_two_ranks_of_batch_8_train_as_one_process_of_batch_16(tmp_path):
+    """Each rank's mean-loss gradient over its 8 rows, averaged over 2 ranks, is the gradient over the global 16:
+    after 6 SGD steps the weights equal those of one process with batch 16 (a sum instead of the average, or two
+    ranks on the same rows, would not)."""
+    script = tmp_path / "ddp_check.py"
+    script.write_text(DDP_SCRIPT)
+    for name in ("two", "one"):
+        (tmp_path / name).mkdir()
+    result = torchrun(script, ROOT, 8, tmp_path / "two")
+    assert result.returncode == 0, result.stderr[-2000:]
+    single = subprocess.run([sys.executable, str(script), str(ROOT), "16", str(tmp_path / "one")], capture_output=True,
+                            text=True, timeout=120, env=ONE_THREAD)
+    assert single.returncode == 0, single.stderr[-2000:]
+    two, one = (torch.load(tmp_path / name / "weights.pt", weights_only=True) for name in ("two", "one"))
+    for key in one:
+        assert torch.allclose(two[key], one[key], atol=1e-6), key
+    start = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    assert not torch.allclose(start.state_dict()["0.weight"], one["0.weight"])  # it did train
+
+
+ORACLE_SCRIPT = '''
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import torch.distributed as dist
+import common
+
+url, sha256, data_dir, out = sys.argv[2:6]
+common.ORACLE_SEQUENCES = 32
+common.TEXT_SOURCES["oracle"]["files"]["params"] = [("target_params.npz", None, None),
+                                                    ("target_params_py3.pkl", url, sha256)]
+dist.init_process_group("gloo")
+data = common.load_text_dataset("oracle", data_dir, oracle="paper")
+torch.save({"train": data.train, "test": data.test}, f"{out}/rank{dist.get_rank()}.pt")
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+def test_under_torchrun_the_oracle_is_downloaded_once_before_the_other_ranks_read_it(http_server, tmp_path):
+    served, url = http_server
+    params = {k: np.random.default_rng(0).standard_normal(
+        (common.ORACLE_DIM, common.ORACLE_VOCAB) if k == "Wo" else (common.ORACLE_VOCAB, common.ORACLE_DIM)
+        if k == "g_embeddings" else (common.ORACLE_VOCAB,) if k == "bo" else (common.ORACLE_DIM,) if k[0] == "b"
+        else (common.ORACLE_DIM, common.ORACLE_DIM)).astype(np.float32) for k in common.ORACLE_KEYS}
+    payload = pickle.dumps([params[k] for k in common.ORACLE_KEYS], protocol=2)
+    (served / "target_params_py3.pkl").write_bytes(payload)
+    script = tmp_path / "oracle_check.py"
+    script.write_text(ORACLE_SCRIPT)
+    result = torchrun(script, ROOT, url + "target_params_py3.pkl", hashlib.sha256(payload).hexdigest(),
+                      tmp_path / "empty-data", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert torch.equal(ranks[0]["test"], ranks[1]["test"]) and ranks[0]["train"].shape == (32, 20)
+    assert (tmp_path / "empty-data" / "seqgan-oracle" / "target_params.npz").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ranges of flags; nearest-neighbour distances
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RangedArgs:
+    count: int = 1
+    rate: float = 0.1
+    share: float = 0.5
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("count", 0, "--count must be at least 1, got 0"), ("rate", 0.0, "--rate must be positive, got 0.0"),
+    ("rate", float("nan"), "--rate must be positive"), ("share", 1.0, "--share must be in [0, 1), got 1.0"),
+    ("share", -0.1, "--share must be in [0, 1)")])
+def test_check_ranges_names_the_flag_and_its_rule(field, value, message):
+    common.check_ranges(RangedArgs(), at_least_1=("count",), positive=("rate",), fraction=("share",))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        common.check_ranges(RangedArgs(**{field: value}), at_least_1=("count",), positive=("rate",),
+                            fraction=("share",))
+
+
+def test_nearest_neighbour_distances_against_brute_force():
+    rng = np.random.default_rng(0)
+    train = torch.from_numpy(rng.integers(0, 256, (40, 1, 8, 8), dtype=np.uint8))
+    test = torch.from_numpy(rng.integers(0, 256, (50, 1, 8, 8), dtype=np.uint8))
+    samples = train.flip(0).clone()  # a G that copies its training images
+    got = common.nearest_neighbour_distances(samples, train, test, "cpu", seed=3, count=20)
+    picks = lambda n, s: torch.randperm(n, generator=torch.Generator().manual_seed(s)).numpy()  # noqa: E731
+    test_sub = test.numpy()[picks(50, 3)[:20]].reshape(20, -1) / 255
+    train_sub = train.numpy()[picks(40, 4)].reshape(40, -1) / 255
+    fakes = samples.numpy().reshape(40, -1) / 255
+
+    def mean_nearest(queries, keys):  # RMS per pixel to the nearest key, by brute force
+        return np.mean([np.sqrt(((keys - q) ** 2).mean(1)).min() for q in queries])
+
+    # torch.cdist's matrix-product form is off by ~1e-4 per pixel where a distance is 0 (a copy): a tolerance
+    assert got["eval/nn_test_to_fake"] == pytest.approx(mean_nearest(test_sub, fakes), abs=5e-4)
+    assert got["eval/nn_test_to_train"] == pytest.approx(mean_nearest(test_sub, train_sub), abs=5e-4)
+    assert got["eval/nn_fake_to_train"] == pytest.approx(mean_nearest(fakes[:20], train_sub), abs=5e-4)
+    assert mean_nearest(fakes[:20], train_sub) == 0 and got["eval/nn_test_to_train"] > 0.2

@@ -17,7 +17,8 @@ from PIL import Image
 
 import common
 import dcgan
-from conftest import ROOT, real_idx_dir, write_truncated_mnist
+import conftest
+from conftest import ROOT, assert_same, metrics_lines, real_idx_dir, training_lines, write_truncated_mnist
 
 TINY = dict(image_size=16, batch_size=16, g_width=8, d_width=8, z_dim=8, num_samples=64, log_every=2,
             sample_every=2, checkpoint_every=2, max_steps=4, device="cpu")
@@ -25,10 +26,6 @@ TINY = dict(image_size=16, batch_size=16, g_width=8, d_width=8, z_dim=8, num_sam
 
 def tiny_args(data_dir, out, **overrides) -> dcgan.Args:
     return dcgan.Args(**{"dataset": "mnist", "data_dir": str(data_dir), "out": str(out), **TINY, **overrides})
-
-
-def metrics_lines(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,6 +136,98 @@ def test_gradient_penalties_on_a_linear_critic():
     assert dcgan.r1_penalty(double(x), x).item() == pytest.approx(4.0)  # ||2w||^2
 
 
+def test_wgan_gp_draws_one_interpolation_point_per_sample():
+    """Gulrajani eq. 3 takes x_hat = eps x + (1 - eps) G(z) with its own eps ~ U[0, 1] for every sample. With the
+    critic D(x) = ||x||^2 / 2, grad D(x_hat) = x_hat; from fakes at 0, ||x_hat|| = eps_i ||x_i||, so the penalty is
+    the mean of (eps_i ||x_i|| - 1)^2, computed here with the same draws."""
+    critic = lambda x, labels=None: x.pow(2).flatten(1).sum(1) / 2  # noqa: E731
+    real = torch.arange(1.0, 7.0).view(6, 1, 1, 1).expand(6, 1, 2, 2).contiguous()  # norms 2, 4, ..., 12
+    torch.manual_seed(3)
+    penalty = dcgan.gradient_penalty(critic, real, torch.zeros_like(real), None)
+    torch.manual_seed(3)
+    eps = torch.rand(6)
+    assert eps.std() > 0.1  # six different draws, so one eps for the whole batch would give another value
+    assert penalty.item() == pytest.approx(((eps * real.flatten(1).norm(dim=1) - 1) ** 2).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["ns", "hinge", "lsgan", "wgan-gp"])
+def test_training_steps_teach_d_to_score_real_above_fake(loss):
+    """The game's first half through train_step: real images are bright squares and G starts as noise, so after a
+    few steps with G nearly frozen D must score the real batch above G's. Real and fake targets or scores swapped
+    anywhere in the step would make it score them the other way."""
+    torch.manual_seed(0)
+    args = dcgan.Args(image_size=16, batch_size=32, g_width=8, d_width=8, z_dim=8, loss=loss, lr_g=1e-8, lr_d=1e-3,
+                      device="cpu")
+    gan = dcgan.build_gan(args, 1, 0, torch.device("cpu"))
+    images = torch.zeros(32, 1, 16, 16, dtype=torch.uint8)
+    images[:, :, 4:12, 4:12] = 255
+    for step in range(30):
+        metrics = dcgan.train_step(gan, args, lambda: (images, None), step, 100, torch.device("cpu"))
+    assert metrics["d/real"] > metrics["d/fake"] + (0.5 if loss == "ns" else 0.2), metrics
+
+
+@pytest.mark.parametrize("loss", ["ns", "hinge", "lsgan", "wgan-gp"])
+def test_g_steps_raise_d_s_score_of_g_s_samples(loss):
+    """The other half: with D fixed, minimising generator_loss moves G towards what D calls real."""
+    torch.manual_seed(0)
+    G, D = dcgan.Generator(8, 1, 16, 8), dcgan.Discriminator(1, 16, 8, norm="none")
+    for layer in [*D.convs, D.score]:  # a D whose scores vary by more than DCGAN's small initialisation gives
+        torch.nn.init.normal_(layer.weight, 0, 0.2)
+    optimiser = torch.optim.Adam(G.parameters(), lr=1e-3)
+    z = torch.rand(64, 8) * 2 - 1
+    before = D(G(z)).mean().item()
+    for _ in range(20):
+        loss_g, _ = dcgan.generator_loss(loss, D(G(z)))
+        optimiser.zero_grad()
+        loss_g.backward()
+        optimiser.step()
+    assert D(G(z)).mean().item() > before + 0.1
+
+
+def test_each_d_step_takes_a_fresh_batch_and_g_moves_in_the_same_step():
+    torch.manual_seed(0)
+    args = dcgan.Args(image_size=16, batch_size=8, g_width=4, d_width=4, z_dim=8, d_steps=3, device="cpu")
+    gan = dcgan.build_gan(args, 1, 0, torch.device("cpu"))
+    fetched = []
+    batch = lambda: fetched.append(1) or (torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8), None)  # noqa
+    weights = [p.detach().clone() for p in (*gan.generator.parameters(), *gan.discriminator.parameters())]
+    dcgan.train_step(gan, args, batch, 0, 10, torch.device("cpu"))
+    after = [p.detach() for p in (*gan.generator.parameters(), *gan.discriminator.parameters())]
+    assert len(fetched) == 3
+    moved = [not torch.equal(a, b) for a, b in zip(weights, after)]
+    assert any(moved[:len(list(gan.generator.parameters()))]) and any(moved[len(list(gan.generator.parameters())):])
+
+
+def test_samples_come_from_g_in_eval_mode():
+    """generate() uses BatchNorm's running statistics, so a sample does not depend on which others share its batch."""
+    torch.manual_seed(0)
+    G = dcgan.Generator(8, 1, 16, 8)
+    G(torch.rand(64, 8) * 2 - 1)  # one training-mode pass: running statistics that differ from any one batch's
+    z = torch.rand(10, 8) * 2 - 1
+    assert torch.equal(dcgan.generate(G, z, None)[:3], dcgan.generate(G, z[:3], None)) and G.training
+
+
+def test_wgan_gp_outside_its_setting_prints_a_note(tiny_data_dir, tmp_path, capsys):
+    dcgan.main(tiny_args(tiny_data_dir, tmp_path / "a", loss="wgan-gp", max_steps=1))
+    assert "--d-steps 5 --lr-g 0.0001 --lr-d 0.0001 --beta1 0 --beta2 0.9" in capsys.readouterr().out
+    dcgan.main(tiny_args(tiny_data_dir, tmp_path / "b", loss="wgan-gp", max_steps=1, **dcgan.WGAN_GP_SETTING))
+    assert "Gulrajani" not in capsys.readouterr().out
+
+
+def test_main_leaves_the_process_as_it_found_it(tiny_data_dir, tmp_path):
+    """import dcgan; dcgan.main(args) with --deterministic and a seed changes the kernels and every global RNG while
+    it runs; afterwards they are as before, so a caller's own code is not affected."""
+    torch.use_deterministic_algorithms(False)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    expected = torch.rand(3), np.random.rand(2)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    dcgan.main(tiny_args(tiny_data_dir, tmp_path / "run", deterministic=True, max_steps=2, seed=7))
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
+
+
 def test_orthogonal_regularisation_is_zero_only_for_orthogonal_filters():
     conv = nn.Conv2d(4, 3, 1, bias=False)
     with torch.no_grad():
@@ -223,8 +312,9 @@ TRICKS = {
     "truncation": dict(z_dist="normal", truncation=0.5), "conditional": dict(conditional=True),
     "hinge": dict(loss="hinge"), "lsgan": dict(loss="lsgan", label_smoothing=0.1), "wgan-gp": dict(loss="wgan-gp"),
     "r1": dict(r1=10.0), "d-norm-layer": dict(d_norm="layer"), "ttur-beta1-0": dict(lr_d=4e-4, beta1=0.0),
-    "biggan-style": dict(loss="hinge", spectral_norm=True, spectral_norm_g=True, ema_decay=0.999, ortho_reg=1e-4,
-                         conditional=True, z_dist="normal", truncation=1.0),
+    "biggan-recipe": dict(loss="hinge", spectral_norm=True, spectral_norm_g=True, ema_decay=0.999, ortho_reg=1e-4,
+                          conditional=True, z_dist="normal", truncation=1.0, d_steps=2, lr_g=5e-5, lr_d=2e-4,
+                          beta1=0.0),
 }
 
 
@@ -269,7 +359,7 @@ def test_stacked_mnist_trains(tiny_data_dir, tmp_path):
 def test_same_seed_gives_identical_losses(tiny_data_dir, tmp_path):
     for name in ("a", "b"):
         dcgan.main(tiny_args(tiny_data_dir, tmp_path / name, deterministic=True))
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
     assert strip(metrics_lines(tmp_path / "a")) == strip(metrics_lines(tmp_path / "b"))
     dcgan.main(tiny_args(tiny_data_dir, tmp_path / "c", deterministic=True, seed=1))
     assert strip(metrics_lines(tmp_path / "a")) != strip(metrics_lines(tmp_path / "c"))
@@ -291,23 +381,12 @@ def test_resume_equals_an_uninterrupted_run(flags, tiny_data_dir, tmp_path):
     whole, split = common.load_checkpoint(tmp_path / "whole"), common.load_checkpoint(tmp_path / "split")
     assert whole["step"] == split["step"] == 40 and whole["batches"] == split["batches"] == {"epoch": 1, "index": 8}
 
-    def assert_same(a, b, where):
-        if isinstance(a, dict):
-            assert a.keys() == b.keys(), where
-            for key in a:
-                assert_same(a[key], b[key], f"{where}.{key}")
-        elif torch.is_tensor(a):
-            assert torch.equal(a, b), where
-        else:
-            assert a == b, where
 
     assert_same(whole["gan"], split["gan"], "gan")
     assert_same(whole["rng"][0]["torch"], split["rng"][0]["torch"], "rng")
     # the training lines match; the split run also keeps the evaluation its first half ended with, at step 20
-    training = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows
-                             if not r.get("final")]
     whole_lines, split_lines = metrics_lines(tmp_path / "whole"), metrics_lines(tmp_path / "split")
-    assert training(whole_lines) == training(split_lines) and len(training(whole_lines)) == 10
+    assert training_lines(whole_lines) == training_lines(split_lines) and len(training_lines(whole_lines)) == 10
     assert [r["step"] for r in split_lines if r.get("final")] == [20, 40]
     assert whole_lines[-1] == split_lines[-1]
 
@@ -333,11 +412,8 @@ def test_benchmark_prints_rates_and_writes_nothing(tiny_data_dir, tmp_path, caps
 # Bad inputs: one line, non-zero exit, no traceback
 # ---------------------------------------------------------------------------------------------------------------
 
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(dcgan.main, dcgan.Args, argv)
-    err = capsys.readouterr().err
-    return exit_info.value.code, err
+def run_cli(flags, capsys):
+    return conftest.run_cli(dcgan.main, dcgan.Args, flags, capsys)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -405,7 +481,8 @@ def test_command_line_help_explains_every_trick():
                          ("--replay-size", "ganhacks #8"), ("--spectral-norm", "Miyato"),
                          ("--ema-decay", "BigGAN"), ("--ortho-reg", "eq. 3"), ("--truncation", "BigGAN"),
                          ("--conditional", "projection"), ("--r1", "Mescheder"), ("--d-steps", "Alg. 1"),
-                         ("--noisy-labels", "ganhacks #6"), ("--z-dist", "ganhacks #3")]:
+                         ("--noisy-labels", "ganhacks #6"), ("--z-dist", "ganhacks #3"), ("--z-dist", "slerp"),
+                         ("--lr-d", "2 D steps per G step")]:
         assert source in helps[flag], (flag, helps[flag])
         assert " ".join(helps[flag].split()) in " ".join(result.stdout.split())
 

@@ -5,7 +5,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -17,31 +16,17 @@ from PIL import Image
 
 import common
 import flow
-from conftest import ROOT, real_idx_dir, write_truncated_mnist
+import conftest
+from conftest import ONE_THREAD, ROOT, metrics_lines, real_idx_dir, training_lines, write_truncated_mnist
 
 TINY = dict(batch_size=16, levels=2, steps_per_level=2, width=8, init_batch=64, eval_batch=64, num_samples=32,
             log_every=2, sample_every=2, checkpoint_every=2, eval_every=0, warmup_steps=2, max_steps=4, device="cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These flows are tiny, and thousands of small ops each pay OpenMP's barrier; with the two cores shared, two
-    threads spinning at each barrier made this file 3-5 times slower than one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same for subprocesses
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see conftest
 
 def tiny_args(data_dir, out, **overrides) -> flow.Args:
     return flow.Args(**{"dataset": "mnist", "data_dir": str(data_dir), "out": str(out), **TINY, **overrides})
-
-
-def metrics_lines(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def perturb(module: nn.Module, std: float = 0.1, rotation_std: float = 0.3) -> None:
@@ -290,11 +275,9 @@ def test_resume_equals_an_uninterrupted_run(tiny_data_dir, tmp_path):
         assert torch.equal(whole["flow"][key], split["flow"][key]), key
     assert torch.equal(whole["rng"][0]["torch"], split["rng"][0]["torch"])
     assert str(whole["optimizer"]) == str(split["optimizer"])
-    training = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows
-                             if not r.get("final")]
     whole_lines, split_lines = metrics_lines(tmp_path / "whole"), metrics_lines(tmp_path / "split")
-    assert training(whole_lines) == training(split_lines) and len(training(whole_lines)) == 6
-    assert [r["step"] for r in training(whole_lines) if "eval/bpd" in r] == [8, 16]
+    assert training_lines(whole_lines) == training_lines(split_lines) and len(training_lines(whole_lines)) == 6
+    assert [r["step"] for r in training_lines(whole_lines) if "eval/bpd" in r] == [8, 16]
     assert whole_lines[-1] == split_lines[-1]
 
 
@@ -333,10 +316,8 @@ def test_benchmark_prints_rates_and_writes_nothing(tiny_data_dir, tmp_path, caps
 # Bad inputs: one line, non-zero exit, no traceback
 # ---------------------------------------------------------------------------------------------------------------
 
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(flow.main, flow.Args, argv)
-    return exit_info.value.code, capsys.readouterr().err
+def run_cli(flags, capsys):
+    return conftest.run_cli(flow.main, flow.Args, flags, capsys)
 
 
 @pytest.mark.parametrize("flags, message", [

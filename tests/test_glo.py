@@ -16,7 +16,8 @@ from PIL import Image
 
 import common
 import glo
-from conftest import ROOT, real_idx_dir, write_truncated_mnist
+import conftest
+from conftest import ROOT, assert_same, metrics_lines, real_idx_dir, training_lines, write_truncated_mnist
 
 TINY = dict(image_size=16, batch_size=16, g_width=8, z_dim=8, num_samples=64, log_every=2, sample_every=2,
             checkpoint_every=2, max_steps=4, eval_images=20, eval_steps=3, device="cpu")
@@ -24,10 +25,6 @@ TINY = dict(image_size=16, batch_size=16, g_width=8, z_dim=8, num_samples=64, lo
 
 def tiny_args(data_dir, out, **overrides) -> glo.Args:
     return glo.Args(**{"dataset": "mnist", "data_dir": str(data_dir), "out": str(out), **TINY, **overrides})
-
-
-def metrics_lines(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,18 +194,23 @@ def test_a_run_writes_every_output(tiny_data_dir, tmp_path):
     assert Image.open(out / "interpolations.png").size == (10 * 18 + 2, 8 * 18 + 2)
 
 
-def test_fixed_latents_leave_the_codes_unchanged_and_glo_moves_them(tiny_data_dir, tmp_path):
-    args = tiny_args(tiny_data_dir, tmp_path / "fixed", fixed_latents=True, eval_images=0)
-    glo.main(args)
+@pytest.mark.parametrize("code_init", ["pca", "random"])
+def test_fixed_latents_leave_the_codes_unchanged_and_glo_moves_them(code_init, tiny_data_dir, tmp_path):
+    """--fixed-latents changes only whether the codes learn: with either start, the fixed run keeps its start and
+    the learning run moves away from the same start."""
     images = common.load_image_dataset("mnist", tiny_data_dir, 16).images
-    drawn = glo.initial_codes(images, args)
-    assert args.initialisation() == "random"
-    assert torch.equal(common.load_checkpoint(tmp_path / "fixed")["glo"]["codes"]["weight"], drawn)
-    assert metrics_lines(tmp_path / "fixed")[0]["codes/step"] == 0
-    args = tiny_args(tiny_data_dir, tmp_path / "glo", eval_images=0)
-    glo.main(args)
-    learned = common.load_checkpoint(tmp_path / "glo")["glo"]["codes"]["weight"]
-    assert not torch.equal(learned, glo.initial_codes(images, args))
+    starts = {}
+    for fixed in (True, False):
+        args = tiny_args(tiny_data_dir, tmp_path / f"{fixed}", fixed_latents=fixed, code_init=code_init,
+                         eval_images=0)
+        glo.main(args)
+        starts[fixed] = glo.initial_codes(images, args)
+        codes = common.load_checkpoint(tmp_path / f"{fixed}")["glo"]["codes"]["weight"]
+        assert torch.equal(codes, starts[fixed]) == fixed
+        assert (metrics_lines(tmp_path / f"{fixed}")[0]["codes/step"] == 0) == fixed
+    assert torch.equal(starts[True], starts[False])  # the same start: the switch changes one thing
+    pca = glo.initial_codes(images, tiny_args(tiny_data_dir, tmp_path, code_init="pca"))
+    assert torch.equal(starts[True], pca) == (code_init == "pca")
 
 
 @pytest.mark.parametrize("flags", [{}, dict(optimizer="adam", constraint="ball", loss="l1")], ids=["paper", "adam"])
@@ -224,27 +226,12 @@ def test_resume_equals_an_uninterrupted_run(flags, tiny_data_dir, tmp_path):
     whole, split = common.load_checkpoint(tmp_path / "whole"), common.load_checkpoint(tmp_path / "split")
     assert whole["step"] == split["step"] == 40 and whole["batches"] == split["batches"] == {"epoch": 1, "index": 8}
 
-    def assert_same(a, b, where):
-        if isinstance(a, dict):
-            assert a.keys() == b.keys(), where
-            for key in a:
-                assert_same(a[key], b[key], f"{where}.{key}")
-        elif isinstance(a, (list, tuple)):
-            assert len(a) == len(b), where
-            for i, (x, y) in enumerate(zip(a, b)):
-                assert_same(x, y, f"{where}[{i}]")
-        elif torch.is_tensor(a):
-            assert torch.equal(a, b), where
-        else:
-            assert a == b, where
 
     assert_same(whole["glo"], split["glo"], "glo")
     if flags.get("optimizer") == "adam":  # plain SGD has no state; lazy Adam keeps moments for every code
         assert whole["glo"]["opt_z"]["state"][0]["exp_avg"].shape == (512, 8)
     assert_same(whole["rng"][0]["torch"], split["rng"][0]["torch"], "rng")
-    training = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows
-                             if not r.get("final")]
-    assert training(metrics_lines(tmp_path / "whole")) == training(metrics_lines(tmp_path / "split"))
+    assert training_lines(metrics_lines(tmp_path / "whole")) == training_lines(metrics_lines(tmp_path / "split"))
     assert metrics_lines(tmp_path / "whole")[-1] == metrics_lines(tmp_path / "split")[-1]
 
 
@@ -259,15 +246,13 @@ def test_benchmark_prints_rates_and_writes_nothing(tiny_data_dir, tmp_path, caps
 # Bad inputs: one line, non-zero exit, no traceback
 # ---------------------------------------------------------------------------------------------------------------
 
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(glo.main, glo.Args, argv)
-    return exit_info.value.code, capsys.readouterr().err
+def run_cli(flags, capsys):
+    return conftest.run_cli(glo.main, glo.Args, flags, capsys)
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--image-size", "48"], "power of two"),
-    (["--lr-g", "-1"], "must be positive"),
+    (["--lr-g", "-1"], "must be 0 or more"),
     (["--eval-lr", "0"], "--eval-lr must be positive"),
     (["--eval-images", "-5"], "must be 0 or more"),
     (["--z-dim", "0"], "--z-dim must be at least 1"),

@@ -1,7 +1,6 @@
 """seqgan_rl.py: rollouts, rewards, REINFORCE, the zero-gradient point, D's shapes, MLE; runs through main() and the
 command line, exact resume across phases, and one-line errors."""
 
-import json
 import math
 import os
 import random
@@ -15,7 +14,8 @@ import torch
 
 import common
 import seqgan_rl as S
-from conftest import ROOT, shared_data
+import conftest
+from conftest import ROOT, assert_same, metrics_lines, shared_data, training_lines
 
 SMALL_COUNTS = ",".join(["2"] * 12)  # two filters per paper width
 TINY = dict(device="cpu", batch_size=8, emb_dim=8, hidden_dim=8, d_emb_dim=8, d_filter_counts=SMALL_COUNTS,
@@ -24,19 +24,7 @@ TINY = dict(device="cpu", batch_size=8, emb_dim=8, hidden_dim=8, d_emb_dim=8, d_
             log_every=4, checkpoint_every=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks are tiny: one thread runs them fastest, and on a busy 2-core machine two threads spin against
-    each other (this file took 7x longer with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def metrics_lines(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see conftest
 
 @pytest.fixture()
 def small_oracle(monkeypatch):
@@ -106,6 +94,105 @@ def test_rollouts_follow_the_policy_and_rewards_average_d_over_completions():
     expected = torch.tensor([[((samples[b, :g] == 5).sum().item() + 6 - g) / 6 for g in range(1, 6)] +
                              [(samples[b] == 5).float().mean().item()] for b in range(2)])
     assert rewards.shape == (2, 6) and torch.allclose(rewards, expected)
+
+
+def sharp_generator(vocab=6, seed=0) -> S.Generator:
+    """A small generator with large weights: its next-token distribution depends strongly on the prefix."""
+    torch.manual_seed(seed)
+    G = S.Generator(vocab, 4, 5)
+    with torch.no_grad():
+        for p in G.parameters():
+            p.mul_(25)
+    return G
+
+
+def test_each_rollout_continues_from_the_state_after_its_own_prefix():
+    """The first token a rollout draws after Y_1:g must follow softmax(logits) of G's state after exactly Y_1:g
+    (a state one token early or late, or the start state, gives another distribution): compared over 6,000
+    rollouts per prefix with the distribution computed here from G's equations, token by token."""
+    G = sharp_generator()
+    sample = torch.tensor([[3, 1, 4, 1, 5]])
+    n = 6000
+    rollouts = S.monte_carlo_rollouts(G, sample, 0, n, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h, c = G.initial_state(1, "cpu")
+        x = G.embedding(torch.tensor([0]))
+        for g in range(1, 5):
+            h, c = G.cell(x, h, c)  # the state after the input of position g (0-based g - 1)
+            x = G.embedding(sample[:, g - 1])
+            h_next, _ = G.cell(x, h, c)  # ... after Y_1:g: it predicts token g (0-based)
+            expected = torch.softmax(G.logits(h_next), -1)[0]
+            drawn = torch.bincount(rollouts[g - 1, 0, :, g], minlength=6).float() / n
+            tolerance = 4 * torch.sqrt(expected * (1 - expected) / n) + 1e-3
+            assert (drawn - expected).abs().le(tolerance).all(), (g, drawn, expected)
+            if g > 1:
+                assert (drawn - previous).abs().max() > 0.1  # the prefixes lead to different distributions
+            previous = expected
+
+
+def test_rewards_are_scored_by_d_in_eval_mode_without_dropout():
+    torch.manual_seed(0)
+    D = S.Discriminator(20, 6, 8, widths=[1, 2], counts=[8, 8], dropout=0.5)
+    tokens = torch.randint(20, (32, 6))
+    D.train()
+    first, second = D.prob_real(tokens), D.prob_real(tokens)
+    assert torch.equal(first, second) and D.training  # no dropout noise in the rewards, and D left training
+    with torch.no_grad():
+        D.eval()
+        assert torch.allclose(first, torch.softmax(D(tokens), -1)[:, 1])
+        D.train()
+        assert not torch.allclose(first, torch.softmax(D(tokens), -1)[:, 1])  # dropout would have moved them
+
+
+def test_the_highway_layer_gates_transform_against_carry():
+    """Srivastava et al. 2015: y = T(c) * relu(W_H c + b_H) + (1 - T(c)) * c with the transform gate T. With the
+    gate's bias at +30, D's features are the transform; at -30, the max-pooled features pass unchanged."""
+    torch.manual_seed(0)
+    D = S.Discriminator(15, 5, 4, widths=[1, 2], counts=[3, 3], dropout=0.0).eval()
+    tokens = torch.randint(15, (4, 5))
+    with torch.no_grad():
+        x = D.embedding(tokens).transpose(1, 2)
+        pooled = torch.cat([torch.relu(conv(x)).amax(dim=2) for conv in D.convs], dim=1)
+        transformed = torch.relu(pooled @ D.highway_transform.weight.T + D.highway_transform.bias)
+        for bias, features in ((30.0, transformed), (-30.0, pooled)):
+            D.highway_gate.bias.fill_(bias)
+            expected = features @ D.output.weight.T + D.output.bias
+            assert torch.allclose(D(tokens), expected, atol=1e-5), bias
+
+
+def test_d_learns_to_tell_the_data_from_generated_sequences():
+    """discriminator_set labels real sequences 1 and G's samples 0, and discriminator_step fits D to that: after a
+    few epochs D gives the real sequences (all 1s) a high P(real) and G's (all 5s) a low one."""
+    args = S.Args(**{**TINY, "d_samples": 64, "lr_d": 1e-2})
+    torch.manual_seed(0)
+    gan = S.build_seqgan(args, 11, 6, torch.device("cpu"))
+    gan.generator = peaked_generator(token=5)
+    real = torch.ones(64, 6, dtype=torch.long)
+    for _ in range(5):
+        rows = S.discriminator_set(gan, real, 0, args)
+        assert rows.shape == (128, 7) and rows[:64, -1].eq(1).all() and rows[64:, -1].eq(0).all()
+        for batch in rows[torch.randperm(128)].split(16):
+            S.discriminator_step(gan, batch, args)
+    assert gan.discriminator.prob_real(real).min() > 0.9
+    assert gan.discriminator.prob_real(torch.full((64, 6), 5)).max() < 0.1
+
+
+def test_nll_test_counts_words_and_eos_but_neither_pad_nor_unk():
+    vocab = common.Vocabulary.build([["a", "b", "c"]])
+    unk, pad, eos = vocab.index[common.UNK], vocab.index[common.PAD], vocab.index[common.EOS]
+    a, b = vocab.index["a"], vocab.index["b"]
+    tokens = torch.tensor([[a, unk, b, eos, pad, pad], [b, b, eos, pad, pad, pad]])
+    data = common.TextData(tokens, tokens, vocab, vocab.index[common.BOS], "toy", [])
+    assert data.scored(tokens).tolist() == [[1, 0, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]]
+    assert data.oov_rate(tokens) == pytest.approx(1 / 7)  # one <unk> among the 7 tokens before PAD
+    torch.manual_seed(0)
+    G = S.Generator(len(vocab), 4, 4)
+    log_probs = G.token_log_probs(tokens, vocab.index[common.BOS]).detach()  # checked against the oracle's LSTM
+    expected = -(log_probs[0, [0, 2, 3]].sum() + log_probs[1, :3].sum()) / 6
+    assert S.sequence_nll(G, tokens, data.scored(tokens), vocab.index[common.BOS]) == pytest.approx(expected.item())
+    oracle_like = common.TextData(tokens, tokens, common.Vocabulary([str(i) for i in range(7)], specials=False), 0,
+                                  "ids", [])
+    assert oracle_like.scored(tokens).all() and oracle_like.oov_rate(tokens) == 0.0
 
 
 def test_reinforce_on_a_bandit_moves_probability_to_the_rewarded_action():
@@ -197,7 +284,8 @@ def test_generator_matches_the_oracle_equations():
         G.Wo.copy_(p["Wo"])
         G.bo.copy_(p["bo"])
     tokens = oracle.sample(50, torch.Generator().manual_seed(0))
-    assert S.sequence_nll(G, tokens, 0, None) == pytest.approx(oracle.nll(tokens).mean().item(), rel=1e-5)
+    everything = torch.ones_like(tokens, dtype=torch.bool)
+    assert S.sequence_nll(G, tokens, everything, 0) == pytest.approx(oracle.nll(tokens).mean().item(), rel=1e-5)
     assert -G.token_log_probs(tokens, 0).mean().item() == pytest.approx(oracle.nll(tokens).mean().item(), rel=1e-5)
 
 
@@ -207,17 +295,17 @@ def test_mle_pretraining_lowers_the_nll_of_held_out_sequences():
     torch.manual_seed(0)
     args = S.Args(**{**TINY, "lr_g": 0.05})
     gan = S.build_seqgan(args, 12, 20, torch.device("cpu"))
-    before = S.sequence_nll(gan.generator, test, 0, None)
+    before = S.sequence_nll(gan.generator, test, torch.ones_like(test, dtype=torch.bool), 0)
     for step in range(40):
         metrics = S.mle_step(gan, train[step % 8 * 32:(step % 8 + 1) * 32], 0, args)
-    after = S.sequence_nll(gan.generator, test, 0, None)
+    after = S.sequence_nll(gan.generator, test, torch.ones_like(test, dtype=torch.bool), 0)
     assert after < before - 0.2 and metrics["loss/g_mle"].item() < before
     assert after > oracle.nll(test).mean().item() - 0.05  # it cannot beat the oracle's own entropy
 
 
 def test_sampling_draws_from_the_softmax():
     logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]])).expand(20000, 3)
-    counts = torch.bincount(S.sample_tokens(logits, torch.Generator().manual_seed(0)), minlength=3).float() / 20000
+    counts = torch.bincount(common.inverse_cdf_sample(logits, torch.Generator().manual_seed(0)), minlength=3).float() / 20000
     assert torch.allclose(counts, torch.tensor([0.1, 0.6, 0.3]), atol=0.015)
 
 
@@ -272,7 +360,7 @@ def test_a_text_run_reports_bleu_and_decodes_sentences(corpus, tmp_path, capsys)
     assert "D filters wider than the" in capsys.readouterr().out
     final = metrics_lines(out)[-1]
     assert final["eval/bleu_hypotheses"] == 20 and final["eval/bleu_references"] == 30
-    assert final["eval/self_bleu_samples"] == 10
+    assert final["eval/self_bleu_samples"] == 10 and final["eval/oov_rate"] == 0  # every test word was in training
     assert all(0 <= final[f"eval/{kind}{n}"] <= 1 for kind in ("bleu", "self_bleu") for n in (2, 3, 4, 5))
     words = set(corpus.read_text().split()) | {common.UNK}
     sentences = (out / "samples.txt").read_text().splitlines()
@@ -302,28 +390,13 @@ def test_resume_equals_an_uninterrupted_run(small_oracle, tmp_path):
     whole, split = common.load_checkpoint(tmp_path / "whole"), common.load_checkpoint(tmp_path / "split")
     assert whole["step"] == split["step"] == 16 + 8 + 15
 
-    def assert_same(a, b, where):
-        if isinstance(a, dict):
-            assert a.keys() == b.keys(), where
-            for key in a:
-                assert_same(a[key], b[key], f"{where}.{key}")
-        elif isinstance(a, (list, tuple)):
-            assert len(a) == len(b), where
-            for i, (x, y) in enumerate(zip(a, b)):
-                assert_same(x, y, f"{where}[{i}]")
-        elif torch.is_tensor(a):
-            assert torch.equal(a, b), where
-        else:
-            assert a == b, where
 
     assert_same(whole["seqgan"], split["seqgan"], "seqgan")
     assert whole["seqgan"]["baseline"]["updates"] == 3 and whole["seqgan"]["rollout"] is not None
     assert_same(whole["mle_batches"], split["mle_batches"], "mle_batches")
     assert_same(whole["rng"][0]["torch"], split["rng"][0]["torch"], "rng")
-    training = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows  # noqa: E731
-                             if not r.get("final")]
     whole_lines, split_lines = metrics_lines(tmp_path / "whole"), metrics_lines(tmp_path / "split")
-    assert training(whole_lines) == training(split_lines)
+    assert training_lines(whole_lines) == training_lines(split_lines)
     assert [r["step"] for r in split_lines if r.get("final")] == [12, 22, 28, 39]
     assert whole_lines[-1] == split_lines[-1]
 
@@ -369,10 +442,8 @@ def test_real_text_smoke_run(tmp_path):
 # Bad input: one line, non-zero exit, no traceback
 # ---------------------------------------------------------------------------------------------------------------
 
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(S.main, S.Args, argv)
-    return exit_info.value.code, capsys.readouterr().err
+def run_cli(flags, capsys):
+    return conftest.run_cli(S.main, S.Args, flags, capsys)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -1,6 +1,7 @@
 """The text side of common.py: datasets and tokenisation, the SeqGAN oracle, BLEU and self-BLEU."""
 
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -236,37 +237,65 @@ def test_bad_text_data_gives_one_line_errors(tmp_path):
         common.check_text_dataset("file:")
 
 
-def test_emnlp_json_is_downloaded_and_plain_files_are_accepted(http_server, tmp_path, monkeypatch, capsys):
+def write_json(path, sentences):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([{"s": sentence, "t": ["a title"]} for sentence in sentences]))
+
+
+def test_emnlp2017_is_scratchgans_json_unit_with_a_valid_split(http_server, tmp_path, monkeypatch, capsys):
     served, url = http_server
-    (served / "train.json").write_text('[{"s": "the market fell", "t": ["x"]}, {"s": "shares rose again", "t": []}]')
-    monkeypatch.setitem(common.TEXT_SOURCES["emnlp2017"]["files"], "train",
-                        [("emnlp_news.txt", None, None), ("train.json", url + "train.json", None)])
-    folder = tmp_path / "emnlp2017-news"
-    folder.mkdir()
-    (folder / "test_emnlp.txt").write_text("the market rose   \nshares fell  \n")
-    data = common.load_text_dataset("emnlp2017", tmp_path)
-    assert (folder / "train.json").is_file() and "the source publishes none" in capsys.readouterr().err
+    write_json(served / "train.json", ["the market fell", "shares rose again"])
+    write_json(served / "valid.json", ["the market rose"])
+    write_json(served / "test.json", ["shares fell", "the dollar rose"])
+    monkeypatch.setitem(common.TEXT_SOURCES["emnlp2017"], "files", {
+        split: [(f"{split}.json", url + f"{split}.json", None)] for split in ("train", "valid", "test")})
+    data = common.load_text_dataset("emnlp2017", tmp_path)  # nothing there: all three are downloaded
+    assert "the source publishes none" in capsys.readouterr().err
     assert [data.vocab.decode(row) for row in data.train] == [["the", "market", "fell"], ["shares", "rose", "again"]]
-    assert data.test_sentences == [["the", "market", "rose"], ["shares", "fell"]]
-    (folder / "train.json").write_text('{"not": "a list"}')
+    assert data.valid_sentences == [["the", "market", "rose"]] and data.valid.shape == (1, data.seq_len)
+    assert data.test_sentences == [["shares", "fell"], ["the", "dollar", "rose"]]
+    (tmp_path / "emnlp2017-news" / "train.json").write_text('{"not": "a list"}')
     with pytest.raises(common.UserError, match="not ScratchGAN's JSON"):
         common.load_text_dataset("emnlp2017", tmp_path)
 
 
-def test_token_batches_resume_at_the_same_position():
-    tokens = torch.arange(50).reshape(25, 2)
-    a = common.TokenBatches(tokens, 4, seed=1, device=torch.device("cpu"))
-    seen = [a.next() for _ in range(9)]  # 6 batches per epoch: crosses into epoch 1
-    b = common.TokenBatches(tokens, 4, seed=1, device=torch.device("cpu"))
-    for _ in range(4):
-        b.next()
-    state = b.state_dict()
-    c = common.TokenBatches(tokens, 4, seed=1, device=torch.device("cpu"))
-    c.load_state_dict(state)
-    assert all(torch.equal(x, c.next()) for x in seen[4:])
-    assert len(torch.cat(seen[:6]).flatten().unique()) == 48  # one epoch: 6 disjoint batches of 4 rows
-    with pytest.raises(common.UserError, match="lower --batch-size"):
-        common.TokenBatches(tokens, 64, seed=1, device=torch.device("cpu"))
+@pytest.mark.parametrize("dataset, present, missing", [
+    ("emnlp2017", ["valid.json", "test.json"], "train.json"),
+    ("emnlp2017-texygen", ["test_emnlp.txt"], "emnlp_news.txt"),
+    ("coco", ["image_coco.txt"], "test_coco.txt"),
+])
+def test_a_folder_with_part_of_a_preprocessing_is_refused(dataset, present, missing, tmp_path, monkeypatch):
+    """Texygen's test split beside ScratchGAN's files (or the reverse) must never make one dataset: the missing
+    file is named, with where to get it, and nothing is downloaded to complete the folder."""
+    monkeypatch.setattr(common, "download", lambda *a, **k: pytest.fail("must not download"))
+    folder = tmp_path / common.TEXT_SOURCES[dataset]["folder"]
+    folder.mkdir(parents=True)
+    for name in present:
+        if name.endswith(".json"):
+            write_json(folder / name, ["a sentence"])
+        else:
+            (folder / name).write_text("a sentence\n")
+    with pytest.raises(common.UserError) as info:
+        common.load_text_dataset(dataset, tmp_path)
+    message = str(info.value)
+    url = {name: url for entries in common.TEXT_SOURCES[dataset]["files"].values() for name, url, _ in entries}
+    assert f"but not {missing}" in message and url[missing] in message and "\n" not in message
+
+
+@pytest.mark.skipif(not (shared_data() / "emnlp2017-news" / "valid.json").is_file(),
+                    reason="EMNLP2017 News is not in the shared data folder")
+def test_the_shared_emnlp_folder_holds_no_complete_unit_and_its_json_parses(tmp_path):
+    for dataset in ("emnlp2017", "emnlp2017-texygen"):  # ScratchGAN's train.json and Texygen's are absent
+        with pytest.raises(common.UserError, match="but not"):
+            common.load_text_dataset(dataset, shared_data())
+    folder = tmp_path / "emnlp2017-news"  # the fork's 12,500-sentence training subset with the full valid/test
+    folder.mkdir()
+    for name, source in (("train.json", "small_data/train.json"), ("valid.json", "valid.json"),
+                         ("test.json", "test.json")):
+        (folder / name).symlink_to(shared_data() / "emnlp2017-news" / source)
+    data = common.load_text_dataset("emnlp2017", tmp_path)
+    assert len(data.train) == 12_500 and len(data.valid) == len(data.test) == 10_000
+    assert data.seq_len <= 51 and data.valid_sentences[0] != data.test_sentences[0]
 
 
 @pytest.mark.skipif(not (shared_data() / "coco-captions" / "image_coco.txt").is_file(),

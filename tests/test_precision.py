@@ -1,0 +1,157 @@
+"""Precision on every device: no float64 tensor is ever made on an accelerator (MPS has no float64, so one would
+crash an Apple-silicon run), and every likelihood is evaluated in float32 whatever --amp says.
+
+The accelerator is played by PyTorch's meta device, which computes shapes and dtypes without data: a dispatch mode
+fails the test on any operation whose result is a float64 tensor off the CPU. The one sanctioned way to float64,
+common.to_host_float64, copies to the CPU, which a meta tensor cannot do, so it is replaced by random values of
+the right shape on the CPU: the test then follows the real code path past it."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import common
+import dcgan
+import flow
+import glo
+import seqgan_rl
+import vae
+
+META = torch.device("meta")
+
+
+class NoFloat64OffTheCPU(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.device.type != "cpu":
+                raise AssertionError(f"{func} made a float64 tensor on {t.device}")
+        return out
+
+
+@pytest.fixture()
+def accelerator(monkeypatch):
+    real, generator = common.to_host_float64, torch.Generator().manual_seed(0)
+
+    def stand_in(t):  # a meta tensor holds no data: random values of its shape (a square one invertible)
+        if not t.is_meta:
+            return real(t)
+        values = torch.rand(t.shape, dtype=torch.float64, generator=generator)
+        return values + torch.eye(t.shape[0], dtype=torch.float64) if t.ndim == 2 and t.shape[0] == t.shape[1] \
+            else values
+
+    monkeypatch.setattr(common, "to_host_float64", stand_in)
+    with NoFloat64OffTheCPU():
+        yield META
+
+
+def test_the_guard_catches_float64_on_the_device(accelerator):
+    with pytest.raises(AssertionError, match="float64 tensor on meta"):
+        torch.ones(3, device=accelerator).double()
+    with pytest.raises(AssertionError, match="float64 tensor on meta"):
+        torch.zeros(3, dtype=torch.float64, device=accelerator)
+    torch.ones(3, device=accelerator).sum()  # float32 on the device, float64 on the CPU: both fine
+    torch.ones(3, dtype=torch.float64).sum()
+
+
+def test_flow_inverse_sampling_and_bits_per_dim(accelerator):
+    glow = flow.Glow(1, 8, levels=2, steps_per_level=2, width=8).to(accelerator)
+    images = flow.sample(glow, 6, 0.7, 8, torch.Generator(), batch=4)  # the 1x1 convolutions invert in float64
+    assert images.shape == (6, 1, 8, 8) and images.device == accelerator
+    args = flow.Args(eval_batch=4, device="cpu")
+    bpd = flow.evaluate_bpd(glow, torch.zeros(6, 1, 8, 8, dtype=torch.uint8), args, torch.Generator())
+    assert math.isfinite(bpd)
+
+
+def test_vae_importance_weighted_evaluation(accelerator):
+    model = vae.VAE("mlp", "bernoulli", 1, 4, z_dim=3, hidden=8).to(accelerator)
+    x = torch.zeros(5, 1, 4, 4, device=accelerator)
+    bounds, elbos, means = vae.importance_weighted_bounds(model, x, k=12, rows=20, generator=torch.Generator())
+    assert bounds.shape == elbos.shape == (5,) and bounds.device.type == "cpu"
+    assert vae.active_units(means) >= 0
+
+
+def test_glo_gaussian_fit_and_draws(accelerator):
+    codes = torch.randn(50, 4).to(accelerator)
+    mean, _, factor = glo.fit_gaussian(codes)  # covariance and Cholesky factor in float64, on the CPU
+    drawn = glo.gaussian_codes(mean, factor, torch.randn(7, 4).to(accelerator))
+    assert drawn.shape == (7, 4) and drawn.dtype == torch.float32 and drawn.device == accelerator
+
+
+def test_seqgan_sampling_nll_and_the_oracle(accelerator, monkeypatch):
+    G = seqgan_rl.Generator(30, 4, 4).to(accelerator)
+    samples = seqgan_rl.generate(G, 9, 6, 0, torch.Generator())  # inverse-CDF draws: float32 off the CPU
+    assert samples.shape == (9, 6) and samples.device == accelerator
+    assert math.isfinite(seqgan_rl.sequence_nll(G, samples, torch.ones(9, 6, dtype=torch.bool), 0))
+    monkeypatch.setattr(common, "ORACLE_SEQUENCES", 16)
+    data = common.load_text_dataset("oracle", "unused", oracle="random", seed=1, device=accelerator)
+    assert data.train.device.type == "cpu" and data.oracle.device == accelerator  # splits drawn on the CPU
+    assert data.oracle.nll(data.test[:4].to(accelerator)).shape == (4,)
+    assert data.oracle.sample(3, torch.Generator()).device == accelerator
+
+
+def test_dcgan_training_step_and_sampling(accelerator):
+    args = dcgan.Args(image_size=16, batch_size=4, g_width=4, d_width=4, z_dim=8, z_dist="normal", truncation=0.5,
+                      device="cpu")
+    gan = dcgan.build_gan(args, 1, 0, accelerator)
+    images = torch.zeros(4, 1, 16, 16, dtype=torch.uint8, device=accelerator)
+    metrics = dcgan.train_step(gan, args, lambda: (images, None), 0, 10, accelerator)
+    assert metrics["loss/d"].device == accelerator
+    z = dcgan.sample_z(args, 3, accelerator, truncation=args.truncation)
+    assert dcgan.generate(gan.generator, z, None).shape == (3, 1, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --amp: likelihoods in float32
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def cpu_autocast(monkeypatch):
+    """--amp's bf16 autocast, which common.autocast gives on CUDA only, here on the CPU."""
+    monkeypatch.setattr(common, "autocast", lambda device, enabled: torch.autocast("cpu", dtype=torch.bfloat16)
+                        if enabled else torch.autocast("cpu", enabled=False))
+
+
+def test_vae_evaluation_ignores_amp(cpu_autocast):
+    torch.manual_seed(0)
+    model = vae.VAE("mlp", "bernoulli", 1, 8, z_dim=4, hidden=16)
+    x = (torch.rand(6, 1, 8, 8) > 0.5).float()
+    mu, logvar = model.encode(x)
+    in_bf16 = vae.log_importance_weights(model, x, mu, logvar, 5, torch.Generator().manual_seed(0), amp=True)
+    in_f32 = vae.log_importance_weights(model, x, mu, logvar, 5, torch.Generator().manual_seed(0), amp=False)
+    assert not torch.equal(in_bf16, in_f32)  # the patched autocast really runs the decoder in bf16
+    results = [vae.evaluate(model, x, 50, vae.Args(amp=amp, device="cpu")) for amp in (True, False)]
+    assert results[0] == results[1]
+
+
+def test_flow_evaluation_ignores_amp_and_training_keeps_it(cpu_autocast):
+    torch.manual_seed(0)
+    glow = flow.Glow(1, 8, 2, 2, 8)
+    glow.initialise(torch.rand(32, 1, 8, 8) - 0.5)
+    for m in glow.modules():  # couplings that are not the identity
+        if isinstance(m, flow.ZeroConv2d):
+            torch.nn.init.normal_(m.weight, 0, 0.1)
+    images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    results = []
+    for amp in (True, False):
+        glow.set_amp(amp)
+        results.append(flow.evaluate_bpd(glow, images, flow.Args(amp=amp, eval_batch=4, device="cpu"),
+                                         torch.Generator().manual_seed(0)))
+        assert all(m.amp == amp for m in glow.modules() if isinstance(m, flow.Coupling))  # restored afterwards
+    assert results[0] == results[1]
+    glow.set_amp(True)
+    bf16, _ = flow.flow_loss(glow, images, 8, torch.Generator().manual_seed(0))
+    glow.set_amp(False)
+    f32, _ = flow.flow_loss(glow, images, 8, torch.Generator().manual_seed(0))
+    assert bf16.item() != f32.item() and abs(bf16.item() - f32.item()) < 0.05  # training does use bf16
+
+
+def test_oracle_and_nll_test_stay_float32():
+    oracle = common.SeqGANOracle.random(0, vocab=20, dim=4)
+    assert all(v.dtype == torch.float32 for v in oracle.p.values())
+    assert oracle.nll(torch.zeros(2, 20, dtype=torch.long)).dtype == torch.float64  # summed in float64, on the CPU
+    assert np.isfinite(oracle.nll(torch.zeros(2, 20, dtype=torch.long)).numpy()).all()
