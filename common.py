@@ -1,4 +1,4 @@
-"""minigen plumbing shared by the model files: arguments, runs, data, logging, checkpoints. Nothing here knows any model.
+"""minigen plumbing shared by the model files: arguments, runs, data, logging, checkpoints. It knows no model.
 
 A model file declares its `Args` as a subclass of `RunArgs` and ends with `common.run_cli(main, Args)`; its `main` is
 `with common.session(args, name) as run: ...`. Copy this file along with any one model file and it runs.
@@ -105,39 +105,28 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 
 def _field_comments(cls) -> dict:
     """Help text for each dataclass field: the comment on its line, continued by comment-only lines directly below
-    it (a comment after a blank line is a section heading, not help)."""
+    it (a comment after a blank line is a section heading, not help). Comments are found by tokenizing, so a '#'
+    inside a default string is not one."""
     comments = {}
     for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
         try:
-            source = inspect.getsource(klass)
+            lines = inspect.getsource(klass).splitlines(keepends=True) if dataclasses.is_dataclass(klass) else []
         except (OSError, TypeError):
             continue
+        if not lines:
+            continue
+        tokens = list(tokenize.generate_tokens(iter(lines).__next__))
+        notes = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
+        code = {t.start[0] for t in tokens if t.type not in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE,
+                                                              tokenize.INDENT, tokenize.DEDENT)}
         names = {f.name for f in dataclasses.fields(klass)}
-        depth, code, notes, current, last_line = 0, [], [], None, -1
-        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-            if tok.type == tokenize.INDENT:
-                depth += 1
-            elif tok.type == tokenize.DEDENT:
-                depth -= 1
-            elif tok.type == tokenize.COMMENT:
-                text = tok.string.lstrip("#").strip()
-                if code:
-                    notes.append(text)  # a comment on a line of code
-                elif current and tok.start[0] == last_line + 1:
-                    comments[current] += " " + text  # a continuation line
-                    last_line = tok.start[0]
-                else:
-                    current = None
-            elif tok.type == tokenize.NEWLINE:  # the end of a logical line
-                is_field = depth == 1 and len(code) > 1 and code[0].string in names and code[1].string == ":"
-                current = code[0].string if is_field else None
-                if is_field:
-                    comments[current], last_line = " ".join(notes).strip(), tok.start[0]
-                code, notes = [], []
-            elif tok.type != tokenize.NL:
-                code.append(tok)
+        for number, line in enumerate(lines, 1):
+            name = line[4:].split(":")[0] if line.startswith("    ") and not line[4].isspace() else ""
+            if name in names:
+                text, following = [notes.get(number, "")], number + 1
+                while following in notes and following not in code:
+                    text, following = text + [notes[following]], following + 1
+                comments[name] = " ".join(text).strip()
     return comments
 
 

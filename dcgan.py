@@ -12,14 +12,14 @@ and G is trained with the non-saturating loss -log D(G(z)) instead of log(1 - D(
 exactly when G is losing (Goodfellow §3). Each player's loss is the other's moving target: if D wins outright,
 D(G(z)) -> 0 and G gets no useful gradient; if G outruns D, D's signal is noise. Both must improve together.
 
-DCGAN's recipe for making that work with convolutions (Radford §3-4): strided convolutions instead of pooling,
-BatchNorm in both networks except G's output and D's input, no fully connected hidden layers, ReLU in G with a tanh
-output, LeakyReLU(0.2) in D, weights ~ N(0, 0.02), Adam with lr 2e-4 and beta1 0.5, batch 128, z ~ U[-1, 1]^100.
-Those are the defaults here. Every other trick is a flag, off by default, with its source beside it in `Args`:
-ganhacks (label smoothing, noisy and flipped labels, instance noise, k D steps, replay buffer, Gaussian z, slerp),
-BigGAN (hinge loss, spectral norm, EMA of G, orthogonal regularisation, TTUR, truncation, class-conditional BN with
-a projection discriminator), and LSGAN, WGAN-GP and R1. Failure tracking is always on: gradient norms are logged and a
-warning is printed when D's loss sits near 0 (D wins, G starves) or a gradient norm explodes (ganhacks #10).
+DCGAN's recipe for making that work with convolutions (Radford §3-4), the defaults here: strided convolutions, no
+pooling, BatchNorm in both networks except G's output and D's input, no fully connected hidden layers, ReLU in G
+with a tanh output, LeakyReLU(0.2) in D, weights ~ N(0, 0.02), Adam lr 2e-4 and beta1 0.5, batch 128,
+z ~ U[-1, 1]^100. Every other trick is a flag, off by default, its source beside it in `Args`: ganhacks (label
+smoothing, noisy and flipped labels, instance noise, k D steps, replay buffer, Gaussian z, slerp), BigGAN (hinge
+loss, spectral norm, EMA of G, orthogonal regularisation, TTUR, truncation, conditional BN with a projection D),
+LSGAN, WGAN-GP and R1. Failure tracking is always on (ganhacks #10): gradient norms are logged, and a warning is
+printed when D's loss sits near 0 (D wins, G starves) or a gradient norm explodes.
 
 Run it:
     python dcgan.py                                    # Fashion-MNIST at 32 px; CPU or GPU, whichever is here

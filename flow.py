@@ -29,20 +29,17 @@ Data and bits/dim. Pixels are integers, so a density needs dequantisation (Glow 
     bits/dim = (-log p(x) + D log 2^n) / (D log 2)
 
 The D log 2^n term turns the density of x (bins of width 1/2^n) into a probability per bin. By Jensen's inequality
-the dequantised log-likelihood is a lower bound on the log-likelihood of the discrete pixels (Theis et al. 2016), so
-the bits/dim here are an upper bound on the discrete model's; every Jacobian term is included, and the likelihood is
-summed in float32 or float64 even under --amp (only the coupling networks run in bf16); evaluations run with CUDA's
-TF32 off (common.exact_float32).
+the dequantised log-likelihood bounds the discrete pixels' from below (Theis et al. 2016), so these bits/dim are an
+upper bound on the discrete model's. Every Jacobian term is included and summed in float32 or float64; under --amp
+only the coupling networks train in bf16, and evaluations run in float32 with CUDA's TF32 off.
 
-Image size. MNIST-like digits are modelled at their own 28x28 (D = 784) by default: 28 -> 14 -> 7 allows L = 2
-levels. Padding to 32 px (as dcgan.py does, and as Glow's code does for MNIST, which also repeats the digit in three
-channels) adds 240 constant black pixels per image that a flow learns to predict almost exactly, which lowers
-bits/dim without modelling any digit better, so such numbers are not comparable with 28x28 ones. `--image-size 32`
-still works (L = 3 is then possible) but prints that the padding is counted.
+Image size. Digits are modelled at their own 28x28 (D = 784): 28 -> 14 -> 7 allows L = 2 levels. Padding to 32 px
+(as Glow's code does for MNIST) adds 240 constant black pixels that a flow predicts almost exactly, which lowers
+bits/dim without modelling any digit better; `--image-size 32` works but prints that the padding is counted.
 
 Run it:
     python flow.py                                      # Fashion-MNIST at 28 px, 2 epochs; ~10 min on 2 CPU cores
-    python flow.py --dataset mnist --epochs 10 --max-steps 4000                  # the README's CPU run (21 min)
+    python flow.py --dataset mnist --epochs 10 --max-steps 8500                  # the README's CPU run (28 min)
     python flow.py --dataset cifar10 --levels 3 --steps-per-level 32 --width 512 --device cuda --amp   # Glow's size
     torchrun --nproc_per_node=4 flow.py --dataset cifar10                     # one process per GPU (or CPU: gloo)
     python flow.py --resume runs/<folder>                                     # continue an interrupted run
@@ -180,8 +177,7 @@ class InvertibleConv1x1(nn.Module):
         return y, log_det.expand(len(x))
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        w_inverse = torch.linalg.inv(common.to_host_float64(self.weight()))  # in float64 for accuracy
-        w_inverse = w_inverse.to(y.dtype).to(y.device)
+        w_inverse = torch.linalg.inv(common.to_host_float64(self.weight())).to(y.dtype).to(y.device)
         return F.conv2d(y, w_inverse[:, :, None, None])
 
 

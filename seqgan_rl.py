@@ -548,6 +548,34 @@ def discriminator_set(gan: SeqGAN, train: torch.Tensor, start_token: int, args: 
     return torch.cat([torch.cat([real, fake]), labels], dim=1)
 
 
+class DiscriminatorRound:
+    """The data of the current D round, drawn at its first step (discriminator_set) and batched in an order seeded
+    by the round's number; kept in a checkpoint taken inside the round, so that a resumed run trains on the same."""
+
+    def __init__(self, args: Args, device: torch.device):
+        self.args, self.device, self.rows, self.batches = args, device, None, None
+
+    def next(self, gan: SeqGAN, train: torch.Tensor, start_token: int, where: "Position") -> torch.Tensor:
+        if self.rows is None:
+            self.rows = discriminator_set(gan, train, start_token, self.args)
+            self.batches = common.Batches((self.rows,), self.args.batch_size, self.args.seed * 100_003 + where.d_set,
+                                          self.device)
+        (batch,) = self.batches.next()
+        if where.ends_d_set:
+            self.rows, self.batches = None, None
+        return batch
+
+    def state_dict(self) -> typing.Optional[dict]:
+        return None if self.rows is None else {"rows": self.rows, "seed": self.batches.seed,
+                                               "batches": self.batches.state_dict()}
+
+    def load_state_dict(self, state: typing.Optional[dict]) -> None:
+        if state is not None:
+            self.rows = state["rows"].to(self.device)
+            self.batches = common.Batches((self.rows,), self.args.batch_size, state["seed"], self.device)
+            self.batches.load_state_dict(state["batches"])
+
+
 def discriminator_step(gan: SeqGAN, rows: torch.Tensor, args: Args) -> dict:
     tokens, labels = rows[:, :-1], rows[:, -1]
     D = gan.discriminator
@@ -796,26 +824,19 @@ def train(args: Args, run: common.Run) -> None:
     if args.benchmark:
         return benchmark(gan, data, args, run, schedule, mle_batches, train_tokens)
 
+    d_round = DiscriminatorRound(args, device)
+
     def load_state(checkpoint):
         common.load_state_dicts(vars(gan), checkpoint["seqgan"])
         mle_batches.load_state_dict(checkpoint["mle_batches"])
         schedule.check_resume(checkpoint, args.resume)
+        d_round.load_state_dict(checkpoint["d_set"])
 
-    step, d_set, d_batches = 0, None, None
-    if args.resume:
-        checkpoint = common.resume(args, run, load_state)
-        step = checkpoint["step"]
-        if checkpoint["d_set"] is not None:  # resumed inside a D round: its data, and where in them
-            d_set = checkpoint["d_set"]["rows"].to(device)
-            d_batches = common.Batches((d_set,), args.batch_size, checkpoint["d_set"]["seed"], device)
-            d_batches.load_state_dict(checkpoint["d_set"]["batches"])
+    step = common.resume(args, run, load_state)["step"] if args.resume else 0
     checkpoints = common.Checkpoints(run, "seqgan_rl.py", "a lower --lr-g or --baseline", step if args.resume else None)
-
-    def state() -> dict:  # the phase and position, and the D round's data when a checkpoint falls inside one
-        d_round = None if d_set is None else {"rows": d_set, "seed": d_batches.seed, "batches": d_batches.state_dict()}
-        return {**schedule.state(step), "args": dataclasses.asdict(args), "seqgan": common.state_dicts(vars(gan)),
-                "mle_batches": mle_batches.state_dict(), "d_set": d_round}
-
+    state = lambda: {**schedule.state(step), "args": dataclasses.asdict(args),  # noqa: E731
+                     "seqgan": common.state_dicts(vars(gan)), "mle_batches": mle_batches.state_dict(),
+                     "d_set": d_round.state_dict()}
     networks = [gan.generator, gan.discriminator]
     logger = common.MetricsLogger(run.out, total_steps, run.is_main, start_step=step, console_keys=(
         "loss/g_mle", "loss/g_pg", "reward/mean", "loss/d", "d/acc", "eval/nll_oracle", "eval/nll_test",
@@ -833,8 +854,8 @@ def train(args: Args, run: common.Run) -> None:
             count = args.eval_samples if data.oracle is not None else max(args.bleu_samples, args.self_bleu_samples)
             extra = {**evaluate(gan, data, args, count, args.seed * 1_000_003 + 17 + step)[0], **(extra or {})}
         phase = schedule.locate(step - 1)[0] if step else "start"  # the phase of the step just taken
-        checkpoints.check_losses(logger.log(step, {**(extra or {}), "phase": phase, "curve_x": schedule.curve_x(step)}),
-                                 step)
+        record = logger.log(step, {**(extra or {}), "phase": phase, "curve_x": schedule.curve_x(step)})
+        checkpoints.check_losses(record, step)
 
     if step == 0 and total_steps > 0:
         log_line(evaluation=True)  # the untrained generator: Table 1's "random" row
@@ -854,12 +875,7 @@ def train(args: Args, run: common.Run) -> None:
                 logger.update(policy_gradient_step(gan, length, start, args, timings))
             else:
                 clock = common.Clock(device)
-                if d_set is None:
-                    d_set = discriminator_set(gan, train_tokens, start, args)
-                    d_batches = common.Batches((d_set,), args.batch_size, args.seed * 100_003 + where.d_set, device)
-                logger.update(discriminator_step(gan, d_batches.next()[0], args))
-                if where.ends_d_set:
-                    d_set, d_batches = None, None
+                logger.update(discriminator_step(gan, d_round.next(gan, train_tokens, start, where), args))
                 timings["time/d_train"] = timings.get("time/d_train", 0.0) + clock()
             step += 1
             extra = dict(where.unit)

@@ -19,18 +19,14 @@ with log p(x) >= L_{k+1} >= L_k >= L_1 = L (Burda Theorem 1), and L_k -> log p(x
 estimated with L_5000 (Burda §5), here `--eval-k`.
 
 Settings. On MNIST and Fashion-MNIST the decoder is Bernoulli over the 28x28 = 784 pixels (no padding) and the data
-are *dynamically* binarised: every epoch each pixel is redrawn as x ~ Bernoulli(intensity / 255), as in Burda §5
-(the published tables use this setting; it is not the fixed binarisation of Larochelle & Murray). The test set is
-binarised once, with a fixed seed that does not depend on --seed, so every run is measured on the same bits (one
-fixed draw; an evaluation on fresh draws could differ slightly, and the paper's test binarisation may differ in
-this detail). On 8-bit colour data (cifar10, folders) the decoder is a discretised logistic per sub-pixel (Salimans
-et al. 2017, PixelCNN++ eq. 2, one component): a probability mass over the 256 values, so -log p(x) is a code
-length for the 8-bit data, and bits/dim = nll / (D ln 2) is comparable with the bits/dim of a flow (which reaches
-the same quantity by adding D log 256 to its density of data scaled to [0, 1]). `--likelihood logistic` also works
-on MNIST, for a bits/dim on the 8-bit digits.
-eval/nll is in nats per image. Divided by D ln 2, D = C x H x W, it is eval/bpd for the 8-bit logistic, comparable
-with the flow's bits/dim, and eval/bits_per_binary_pixel for the Bernoulli decoder: bits per *binarised* pixel,
-a different quantity (a binary pixel holds at most 1 bit, an 8-bit one 8), never to be put beside a bits/dim.
+are *dynamically* binarised, each pixel redrawn every epoch as x ~ Bernoulli(intensity / 255) (Burda §5; the setting
+of the published tables, not Larochelle & Murray's fixed binarisation). The test set is binarised once, with a seed
+that does not depend on --seed, so every run is measured on the same bits. On 8-bit data (cifar10, folders, or
+`--likelihood logistic`) the decoder is a discretised logistic per sub-pixel (Salimans et al. 2017, PixelCNN++ eq. 2,
+one component), a probability mass over the 256 values, so -log p(x) is a code length for the 8-bit data.
+eval/nll is in nats per image. Divided by D ln 2, D = C x H x W, it is eval/bpd for the 8-bit logistic, the same
+quantity as the flow's bits/dim, and eval/bits_per_binary_pixel for the Bernoulli decoder: bits per *binarised*
+pixel (at most 1 where an 8-bit pixel holds 8), never to be put beside a bits/dim.
 
 Burda's code (yburda/iwae) differs from its paper in ways that matter for its 86.76 nats: it starts the decoder's
 output bias at the logit of the training images' mean (datasets.get_train_bias_np), done here too (--decoder-bias);

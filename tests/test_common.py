@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -614,3 +615,13 @@ def test_nearest_neighbour_distances_against_brute_force():
     assert got["eval/nn_test_to_train"] == pytest.approx(mean_nearest(test_sub, train_sub), abs=5e-4)
     assert got["eval/nn_fake_to_train"] == pytest.approx(mean_nearest(fakes[:20], train_sub), abs=5e-4)
     assert mean_nearest(fakes[:20], train_sub) == 0 and got["eval/nn_test_to_train"] > 0.2
+
+
+@pytest.mark.parametrize("module", ["dcgan", "vae", "flow", "glo", "seqgan_rl"])
+def test_every_flag_of_every_model_explains_itself(module):
+    """--help has a line of text for every flag, taken from the comment beside its field."""
+    args_cls = importlib.import_module(module).Args
+    helps = {action.dest: action.help for action in common.build_parser(args_cls)._actions if action.dest != "help"}
+    assert set(helps) == {f.name for f in dataclasses.fields(args_cls)}
+    blank = [name for name, text in helps.items() if len(text.replace("(default:", "").split()) < 3]
+    assert not blank, blank

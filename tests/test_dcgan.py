@@ -134,6 +134,11 @@ def test_gradient_penalties_on_a_linear_critic():
     assert dcgan.gradient_penalty(double, real, fake, None).item() == pytest.approx(1.0)  # (2 - 1)^2
     x = real.clone().requires_grad_(True)
     assert dcgan.r1_penalty(double(x), x).item() == pytest.approx(4.0)  # ||2w||^2
+    uneven = torch.tensor([3.0, 0.0, 4.0, 0.0]).view(1, 1, 2, 2)  # ||w||^2 = 25, ||w||_1 = 7, ||w|| = 5
+    x = real.clone().requires_grad_(True)
+    assert dcgan.r1_penalty((x * uneven).flatten(1).sum(1), x).item() == pytest.approx(25.0)
+    critic = lambda v, labels=None: (v * uneven).flatten(1).sum(1)  # noqa: E731
+    assert dcgan.gradient_penalty(critic, real, fake, None).item() == pytest.approx(16.0)  # (5 - 1)^2
 
 
 def test_wgan_gp_draws_one_interpolation_point_per_sample():
