@@ -466,6 +466,20 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+def test_a_checkpoint_is_never_written_from_non_finite_weights(tmp_path):
+    run = common.Run(torch.device("cpu"), tmp_path)
+    checkpoints = common.Checkpoints(run, "model.py", "a lower --lr")
+    layer = torch.nn.Linear(2, 2)
+    checkpoints.save(3, {"weights": layer.state_dict()}, [layer])
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    with pytest.raises(common.UserError, match=r"diverged at step 4 \(non-finite weights\); the last good checkpoint "
+                                               r"is .*checkpoint.pt \(step 3\).*a lower --lr"):
+        checkpoints.save(4, {"weights": layer.state_dict()}, [layer])
+    kept = common.load_checkpoint(tmp_path)
+    assert kept["step"] == 3 and torch.isfinite(kept["weights"]["weight"]).all()
+
+
 def test_corrupt_or_missing_checkpoint_is_a_user_error(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
     with pytest.raises(common.UserError, match="not a readable checkpoint"):

@@ -177,6 +177,10 @@ def test_dequantisation_keeps_n_bits_and_stays_in_its_bin():
     x5 = flow.dequantize(images, 5)  # 32 bins of 8 levels: 0 and 7 share a bin
     assert torch.equal(flow.to_uint8(x5, 5)[0, 0, 0], torch.tensor([0, 0, 8, 128, 248], dtype=torch.uint8))
     assert (x5[:, 0, 0, 4] >= 31 / 32 - 0.5).all() and (x5[:, 0, 0, 4] < 0.5).all()
+    # the noise fills the bin uniformly: 1,000 copies of one pixel spread over its bin with U[0, 1)'s mean and std
+    position = (x8[:, 0, 0, 3] + 0.5) * 256 - 128  # pixel 128 at 8 bits: u itself
+    assert position.mean().item() == pytest.approx(0.5, abs=0.03)
+    assert position.std().item() == pytest.approx(1 / math.sqrt(12), abs=0.02)
 
 
 def test_bits_per_dim_includes_the_bin_width_term():

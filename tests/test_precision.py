@@ -58,6 +58,14 @@ def test_the_guard_catches_float64_on_the_device(accelerator):
     torch.ones(3, dtype=torch.float64).sum()
 
 
+def test_the_float64_helper_copies_to_the_host():
+    t = torch.ones(3, requires_grad=True)
+    host = common.to_host_float64(t * 2)
+    assert host.device.type == "cpu" and host.dtype == torch.float64 and not host.requires_grad
+    with NoFloat64OffTheCPU(), pytest.raises(NotImplementedError):  # a copy out of the device, which meta cannot
+        common.to_host_float64(torch.ones(3, device=META))  # make (a conversion on the device would fail the guard)
+
+
 def test_flow_inverse_sampling_and_bits_per_dim(accelerator):
     glow = flow.Glow(1, 8, levels=2, steps_per_level=2, width=8).to(accelerator)
     images = flow.sample(glow, 6, 0.7, 8, torch.Generator(), batch=4)  # the 1x1 convolutions invert in float64
