@@ -117,8 +117,8 @@ def _field_comments(cls) -> dict:
             continue
         tokens = list(tokenize.generate_tokens(iter(lines).__next__))
         notes = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
-        code = {t.start[0] for t in tokens if t.type not in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE,
-                                                              tokenize.INDENT, tokenize.DEDENT)}
+        layout = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
+        code = {t.start[0] for t in tokens if t.type not in layout}
         names = {f.name for f in dataclasses.fields(klass)}
         for number, line in enumerate(lines, 1):
             name = line[4:].split(":")[0] if line.startswith("    ") and not line[4].isspace() else ""

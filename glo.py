@@ -99,7 +99,6 @@ class Args(common.RunArgs):
         return self.lr_g or default_g, self.lr_z or default_z
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Generator: DCGAN's (Radford §3), as in the paper (Bojanowski §4)
 # ---------------------------------------------------------------------------------------------------------------
@@ -468,8 +467,8 @@ def fit_codes(generator: nn.Module, images: torch.Tensor, start: torch.Tensor, a
 
 def evaluate(glo: GLO, args: Args, train_images: torch.Tensor, test_images: torch.Tensor, samples: torch.Tensor,
              sample_z: torch.Tensor, out, device: torch.device) -> dict:
-    """Reconstruction MSE per pixel ([0, 1] scale): of every training image from its code (learned, or the fixed
-    random one); and of `eval_images` test images and as many training images from codes fitted with G frozen,
+    """Reconstruction MSE per pixel ([0, 1] scale): of every training image from its own code (learned or fixed);
+    and of `eval_images` test images and as many training images from codes fitted with G frozen,
     each started from the code of its nearest (other) training image. Also writes reconstructions.png."""
     G, codes = glo.generator, glo.codes.weight.detach()
     metrics = {"eval/mse_train": pixel_mse(decode(G, codes), train_images)}

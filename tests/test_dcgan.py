@@ -386,7 +386,6 @@ def test_resume_equals_an_uninterrupted_run(flags, tiny_data_dir, tmp_path):
     whole, split = common.load_checkpoint(tmp_path / "whole"), common.load_checkpoint(tmp_path / "split")
     assert whole["step"] == split["step"] == 40 and whole["batches"] == split["batches"] == {"epoch": 1, "index": 8}
 
-
     assert_same(whole["gan"], split["gan"], "gan")
     assert_same(whole["rng"][0]["torch"], split["rng"][0]["torch"], "rng")
     # the training lines match; the split run also keeps the evaluation its first half ended with, at step 20

@@ -25,6 +25,7 @@ TINY = dict(batch_size=16, levels=2, steps_per_level=2, width=8, init_batch=64, 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see conftest
 
+
 def tiny_args(data_dir, out, **overrides) -> flow.Args:
     return flow.Args(**{"dataset": "mnist", "data_dir": str(data_dir), "out": str(out), **TINY, **overrides})
 

@@ -226,7 +226,6 @@ def test_resume_equals_an_uninterrupted_run(flags, tiny_data_dir, tmp_path):
     whole, split = common.load_checkpoint(tmp_path / "whole"), common.load_checkpoint(tmp_path / "split")
     assert whole["step"] == split["step"] == 40 and whole["batches"] == split["batches"] == {"epoch": 1, "index": 8}
 
-
     assert_same(whole["glo"], split["glo"], "glo")
     if flags.get("optimizer") == "adam":  # plain SGD has no state; lazy Adam keeps moments for every code
         assert whole["glo"]["opt_z"]["state"][0]["exp_avg"].shape == (512, 8)

@@ -26,6 +26,7 @@ TINY = dict(device="cpu", batch_size=8, emb_dim=8, hidden_dim=8, d_emb_dim=8, d_
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see conftest
 
+
 @pytest.fixture()
 def small_oracle(monkeypatch):
     """The random oracle with 64 training and 64 test sequences instead of 9,984 each."""
@@ -390,7 +391,6 @@ def test_resume_equals_an_uninterrupted_run(small_oracle, tmp_path):
                       resume=str(tmp_path / "split") if cap != 12 else ""))
     whole, split = common.load_checkpoint(tmp_path / "whole"), common.load_checkpoint(tmp_path / "split")
     assert whole["step"] == split["step"] == 16 + 8 + 15
-
 
     assert_same(whole["seqgan"], split["seqgan"], "seqgan")
     assert whole["seqgan"]["baseline"]["updates"] == 3 and whole["seqgan"]["rollout"] is not None
