@@ -1142,6 +1142,13 @@ def write_text_samples(path, lines: list) -> None:
     atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
 
 
+def sample_lines(data: TextData, samples: torch.Tensor) -> list:
+    """Samples (N, T) as lines of text: the token ids for the oracle (as SeqGAN's files), sentences for real text."""
+    if data.oracle is not None:
+        return [" ".join(str(t) for t in row) for row in samples.tolist()]
+    return [" ".join(data.vocab.decode(row)) for row in samples.cpu()]
+
+
 def inverse_cdf_sample(logits: torch.Tensor, generator: typing.Optional[torch.Generator] = None) -> torch.Tensor:
     """One draw per row of softmax(logits) (n, V) -> (n,), by inverting the CDF: exact, and several times faster
     than torch.multinomial over thousands of classes on a CPU. The CDF is summed in float64 on a CPU; on a GPU in
@@ -1357,6 +1364,20 @@ def bleu(hypotheses: list, references: list, max_n: int = 4, exclude_self: bool 
         for n in totals:
             totals[n] += brevity * math.exp(sum(log_precisions[:n]) / n)
     return {n: total / len(hypotheses) for n, total in totals.items()}
+
+
+def text_sample_metrics(sentences: list, data: TextData, bleu_samples: int, self_bleu_samples: int) -> dict:
+    """What the text models report on real text from their decoded samples (token lists): the share of test
+    tokens that are <unk> (what NLL-test leaves out), BLEU-2..5 of the first bleu_samples against the whole test
+    split, self-BLEU-2..5 of the first self_bleu_samples against each other, and the mean length in tokens."""
+    metrics = {"eval/oov_rate": data.oov_rate(data.test)}
+    for n, score in bleu(sentences[:bleu_samples], data.test_sentences, max_n=5).items():
+        metrics[f"eval/bleu{n}"] = score
+    own = sentences[:self_bleu_samples]
+    for n, score in bleu(own, own, max_n=5, exclude_self=True).items():
+        metrics[f"eval/self_bleu{n}"] = score
+    metrics["eval/mean_length"] = sum(len(s) for s in sentences) / max(len(sentences), 1)
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -620,22 +620,9 @@ def evaluate(gan: SeqGAN, data: common.TextData, args: Args, count: int, seed: i
         metrics["eval/nll_oracle"] = data.oracle.nll(samples).mean().item()  # Yu et al. §4, per token
     metrics["eval/nll_test"] = sequence_nll(G, data.test, data.scored(data.test), data.start_token)
     if data.oracle is None:
-        metrics["eval/oov_rate"] = data.oov_rate(data.test)
-        sentences = [data.vocab.decode(s) for s in samples.cpu()]
-        hypotheses = sentences[:args.bleu_samples]
-        for n, score in common.bleu(hypotheses, data.test_sentences, max_n=5).items():
-            metrics[f"eval/bleu{n}"] = score
-        own = sentences[:args.self_bleu_samples]
-        for n, score in common.bleu(own, own, max_n=5, exclude_self=True).items():
-            metrics[f"eval/self_bleu{n}"] = score
-        metrics["eval/mean_length"] = sum(len(s) for s in sentences) / max(len(sentences), 1)
+        metrics.update(common.text_sample_metrics([data.vocab.decode(s) for s in samples.cpu()], data,
+                                                  args.bleu_samples, args.self_bleu_samples))
     return metrics, samples
-
-
-def sample_lines(data: common.TextData, samples: torch.Tensor) -> list:
-    if data.oracle is not None:  # one sequence of token ids per line, as SeqGAN's files
-        return [" ".join(str(t) for t in row) for row in samples.tolist()]
-    return [" ".join(data.vocab.decode(row)) for row in samples.cpu()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -885,7 +872,7 @@ def train(args: Args, run: common.Run) -> None:
                 log_line(extra, evaluation=where.evaluate)
             if args.sample_every and step % args.sample_every == 0 and run.is_main:
                 rng = torch.Generator(device=device).manual_seed(args.seed + 3)
-                common.write_text_samples(run.out / f"samples_{step}.txt", sample_lines(
+                common.write_text_samples(run.out / f"samples_{step}.txt", common.sample_lines(
                     data, generate(gan.generator, SAMPLE_LINES, length, start, rng)))
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 checkpoints.save(step, state(), networks)
@@ -903,7 +890,7 @@ def write_results(gan: SeqGAN, data: common.TextData, args: Args, run: common.Ru
     count = args.final_samples if data.oracle is not None else \
         max(args.num_samples, args.bleu_samples, args.self_bleu_samples)
     metrics, samples = evaluate(gan, data, args, count, args.seed + 5)
-    common.write_text_samples(run.out / "samples.txt", sample_lines(data, samples[:args.num_samples]))
+    common.write_text_samples(run.out / "samples.txt", common.sample_lines(data, samples[:args.num_samples]))
     if data.oracle is not None:
         metrics["eval/nll_oracle_samples"] = count
     else:

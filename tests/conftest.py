@@ -6,6 +6,7 @@ import gzip
 import http.server
 import json
 import os
+import random
 import struct
 import sys
 import threading
@@ -132,6 +133,17 @@ def assert_same(a, b, where: str = "") -> None:
         assert a == b, where
 
 
+def assert_help_states_presets(module) -> None:
+    """--help of a model with presets states each preset's value of every flag the presets set."""
+    import common
+    helps = {action.dest: " ".join(action.help.split()) for action in common.build_parser(module.Args)._actions}
+    for name in module.PRESETS["paper"]:
+        for preset, values in module.PRESETS.items():
+            value = values[name]
+            assert f"{preset} {value:g}" in helps[name] if isinstance(value, float) else \
+                f"{preset} {value}" in helps[name], (name, preset, helps[name])
+
+
 def argv(flags: dict) -> list:
     """{"batch_size": 8, ...} -> ["--batch-size", "8", ...]"""
     return [part for key, value in flags.items() for part in (f"--{key.replace('_', '-')}", str(value))]
@@ -143,3 +155,25 @@ def run_cli(main, args_cls, flags: list, capsys):
     with pytest.raises(SystemExit) as exit_info:
         common.run_cli(main, args_cls, flags)
     return exit_info.value.code, capsys.readouterr().err
+
+
+# ---- text --------------------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def small_oracle(monkeypatch):
+    """The random oracle with 64 training and 64 test sequences instead of 9,984 each."""
+    import common
+    monkeypatch.setattr(common, "ORACLE_SEQUENCES", 64)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A file: dataset of 300 sentences from a small grammar (about 20 words, at most 7 tokens)."""
+    rng = random.Random(0)
+    subjects, verbs = ["the cat", "a dog", "my friend", "the old man", "she"], ["sees", "likes", "finds", "draws"]
+    objects = ["the ball", "a red hat", "the sea", "his book"]
+    lines = [" ".join([rng.choice(subjects), rng.choice(verbs), rng.choice(objects)] +
+                      (["again"] if rng.random() < 0.3 else [])) for _ in range(300)]
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -631,7 +631,7 @@ def test_nearest_neighbour_distances_against_brute_force():
     assert mean_nearest(fakes[:20], train_sub) == 0 and got["eval/nn_test_to_train"] > 0.2
 
 
-@pytest.mark.parametrize("module", ["dcgan", "vae", "flow", "glo", "seqgan_rl"])
+@pytest.mark.parametrize("module", ["dcgan", "vae", "flow", "glo", "seqgan_rl", "scratchgan"])
 def test_every_flag_of_every_model_explains_itself(module):
     """--help has a line of text for every flag, taken from the comment beside its field."""
     args_cls = importlib.import_module(module).Args

@@ -18,6 +18,7 @@ import common
 import dcgan
 import flow
 import glo
+import scratchgan
 import seqgan_rl
 import vae
 
@@ -100,6 +101,21 @@ def test_seqgan_sampling_nll_and_the_oracle(accelerator, monkeypatch):
     assert data.train.device.type == "cpu" and data.oracle.device == accelerator  # splits drawn on the CPU
     assert data.oracle.nll(data.test[:4].to(accelerator)).shape == (4,)
     assert data.oracle.sample(3, torch.Generator()).device == accelerator
+
+
+def test_scratchgan_steps_sampling_and_nll(accelerator):
+    vocab = common.Vocabulary([common.PAD, common.BOS, common.EOS, common.UNK, "a", "b"])
+    tokens = torch.tensor([[4, 5, 2, 0]] * 4)
+    data = common.TextData(tokens, tokens, vocab, 1, "toy", [])
+    args = scratchgan.Args(dataset="coco", preset="cpu", batch_size=4, g_hidden=4, d_hidden=4, emb_dim=4,
+                           device="cpu")
+    gan = scratchgan.build_scratchgan(args, data, accelerator)
+    layout = scratchgan.token_layout(data)
+    assert scratchgan.discriminator_step(gan, tokens.to(accelerator), layout, args)["loss/d"].device == accelerator
+    assert scratchgan.generator_step(gan, layout, args)["loss/g"].device == accelerator
+    samples = scratchgan.generate(gan.generator, 5, layout, 0.8, torch.Generator())
+    assert samples.shape == (5, 4) and samples.device == accelerator
+    assert math.isfinite(scratchgan.sequence_nll(gan.generator, tokens, data.scored(tokens), layout.start))
 
 
 def test_dcgan_training_step_and_sampling(accelerator):

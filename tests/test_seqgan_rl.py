@@ -3,7 +3,6 @@ command line, exact resume across phases, and one-line errors."""
 
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -25,25 +24,6 @@ TINY = dict(device="cpu", batch_size=8, emb_dim=8, hidden_dim=8, d_emb_dim=8, d_
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: see conftest
-
-
-@pytest.fixture()
-def small_oracle(monkeypatch):
-    """The random oracle with 64 training and 64 test sequences instead of 9,984 each."""
-    monkeypatch.setattr(common, "ORACLE_SEQUENCES", 64)
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    """A file: dataset of 300 sentences from a small grammar (about 20 words, at most 7 tokens)."""
-    rng = random.Random(0)
-    subjects, verbs = ["the cat", "a dog", "my friend", "the old man", "she"], ["sees", "likes", "finds", "draws"]
-    objects = ["the ball", "a red hat", "the sea", "his book"]
-    lines = [" ".join([rng.choice(subjects), rng.choice(verbs), rng.choice(objects)] +
-                      (["again"] if rng.random() < 0.3 else [])) for _ in range(300)]
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def peaked_generator(vocab=11, token=5, seed=0) -> S.Generator:
@@ -327,10 +307,7 @@ def test_presets_fill_only_the_flags_left_unset():
     assert (paper.rollouts, paper.pretrain_epochs, paper.d_rounds, paper.d_epochs) == (16, 120, 5, 3)
     assert paper.d_filter_counts == S.PAPER_FILTER_COUNTS and paper.d_samples == 9_984 and paper.rounds == 200
     assert cpu.rollouts == 16 and cpu.d_rounds == S.PRESETS["cpu"]["d_rounds"]
-    helps = {action.dest: " ".join(action.help.split()) for action in common.build_parser(S.Args)._actions}
-    for name in S.PRESETS["paper"]:  # --help states every preset's value
-        for preset, values in S.PRESETS.items():
-            assert f"{preset} {values[name]}" in helps[name], (name, preset, helps[name])
+    conftest.assert_help_states_presets(S)
 
 
 # ---------------------------------------------------------------------------------------------------------------
