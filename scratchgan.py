@@ -51,7 +51,7 @@ import common
 PRESETS = {
     "paper": dict(batch_size=512, steps=200_000, g_hidden=512, d_hidden=512, lr_g=9.59e-5, lr_d=9.38e-3,
                   eval_every=1_000),
-    "cpu": dict(batch_size=128, steps=5_000, g_hidden=128, d_hidden=128, lr_g=1e-3, lr_d=1e-3, eval_every=500),
+    "cpu": dict(batch_size=128, steps=2_000, g_hidden=128, d_hidden=128, lr_g=1e-3, lr_d=1e-3, eval_every=250),
 }
 GLOVE_STD = 0.3836  # the standard deviation of GloVe's entries; words GloVe lacks are drawn from N(0, it) (utils.py)
 POSITION_FEATURES = 8  # D's fixed position signal (discriminator_nets.py, position_dim)
@@ -67,7 +67,7 @@ class Args(common.RunArgs):
     oracle: typing.Literal["paper", "random"] = "paper"  # paper: SeqGAN's oracle; random: N(0,1) weights from --seed
     preset: typing.Literal["paper", "cpu"] = "paper"  # values of the flags marked "preset" (PRESETS in the file)
     batch_size: int = -1  # sequences per D and per G batch (default from --preset: paper 512, the official; cpu 128)
-    steps: int = -1  # training steps, each one D then one G update (default: paper 200000; cpu 5000)
+    steps: int = -1  # training steps, each one D then one G update (default: paper 200000; cpu 2000)
     epochs: int = 1  # not used: the length of a run is --steps
     log_every: int = 100  # steps between metrics lines
     sample_every: int = 0  # steps between samples_<step>.txt files of 100 samples (0: only at the end)
@@ -91,7 +91,7 @@ class Args(common.RunArgs):
     d_dropout: float = 0.1  # dropout on D's whole embedding matrix, each word masked alike (official disc_dropout)
     d_layer_norm: bool = True  # layer normalisation of D's LSTM gates (official layer_norm_disc)
     mle: bool = False  # train the same G by maximum likelihood for the same steps (the paper's baseline); no D
-    eval_every: int = -1  # steps between evaluations (default: paper 1000, the official export_every; cpu 500)
+    eval_every: int = -1  # steps between evaluations (default: paper 1000, the official export_every; cpu 250)
     eval_samples: int = 9_984  # oracle: G samples scored by the oracle at each evaluation (as seqgan_rl.py)
     final_samples: int = 100_000  # oracle: samples for the final NLL-oracle (Yu et al. §4, as seqgan_rl.py)
     num_samples: int = 10_000  # samples written to samples.txt (official num_examples_for_eval 10000)
