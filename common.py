@@ -10,6 +10,7 @@ Contents, in order:
   Safe file I/O            atomic writes, downloads with pinned checksums, tar extraction, restricted unpickling
   Image datasets           MNIST, Fashion-MNIST, CIFAR-10, Stacked MNIST, image folders; Batches (images or tokens)
   Text datasets            COCO, EMNLP2017 (two preprocessings, never mixed), poems, files; the SeqGAN oracle; BLEU
+                           and the other sample metrics; samples as lines of text
   Metrics                  MetricsLogger, nearest-neighbour distances, image grids, loss plots
   Checkpoints              save / load / RNG state, Checkpoints (the last good checkpoint, divergence, Ctrl-C)
 """

@@ -6,7 +6,7 @@ the code and says so; each piece names the file and function it reproduces.
 
 SeqGAN (seqgan_rl.py) needs MLE pre-training because its generator G gets one reward per sequence, from a D that
 judges whole sentences, estimated by costly Monte-Carlo rollouts. ScratchGAN trains G by REINFORCE from the first
-step and makes that work with four things (paper §3):
+step and makes that work with four things (the paper's abstract names them; the details are the code's):
   - dense rewards: D is recurrent and scores every prefix, D_t = D(x_1..x_t), so each token gets its own reward
         r_t = 2 σ(D_t) - 1                                                          (losses.py, reinforce_loss)
   - discounting: G's return from step t is R_t = Σ_{s>=t} γ^{s-t} r_s with γ = 0.23, so a token is credited mostly
@@ -25,7 +25,7 @@ token and every sequence has exactly 20, so there nothing is masked and G runs 2
 
 Run it:
     python scratchgan.py                                  # EMNLP2017 News, the official configuration (a GPU)
-    python scratchgan.py --preset cpu --dataset coco      # the reduced configuration for 2 CPU cores
+    python scratchgan.py --preset cpu --dataset coco      # the reduced configuration (does not train text yet: README)
     python scratchgan.py --preset cpu --dataset coco --mle   # the same generator trained by maximum likelihood
     python scratchgan.py --preset cpu --dataset oracle    # the SeqGAN oracle: NLL-oracle and NLL-test
     python scratchgan.py --eval-temperatures 0.8,1.0,1.2  # final metrics and samples at several temperatures
@@ -47,7 +47,7 @@ import common
 
 # What --preset sets for every flag left at its sentinel -1; a flag given on the command line wins. "paper" is
 # experiment.py's flags. "cpu" keeps the method and shrinks the networks, the batch and the run for 2 CPU cores;
-# its values are a first guess that does not train yet (README, "scratchgan.py", says what was tried).
+# its values are untuned: they train G from scratch on the oracle, not yet on real text (README, "scratchgan.py").
 PRESETS = {
     "paper": dict(batch_size=512, steps=200_000, g_hidden=512, d_hidden=512, lr_g=9.59e-5, lr_d=9.38e-3,
                   eval_every=1_000),
@@ -266,8 +266,8 @@ class Generator(nn.Module):
 
 def position_signal(length: int, features: int = POSITION_FEATURES) -> torch.Tensor:
     """utils.py, get_position_signal: cos(π (t / p_k + s_k)) for t = 0..T-1 with periods p_k spaced evenly in log
-    from 2 to T and shifts s_k evenly from 0 to 2 -> (T, features). (The paper's appendix gives another formula;
-    this is the code's.)"""
+    from 2 to T and shifts s_k evenly from 0 to 2 -> (T, features): the code's formula, as computed, not its
+    docstring's (frequencies "linearly spaced", the longest period "half the maximum length")."""
     periods = torch.exp(torch.linspace(math.log(2.0), math.log(float(length)), features))
     shifts = torch.linspace(0.0, 2.0, features)
     t = torch.arange(length, dtype=torch.float32)[:, None]
@@ -364,8 +364,9 @@ def sequence_mask(tokens: torch.Tensor, end_token: typing.Optional[int]) -> torc
 
 def rewards_from_logits(d_logits: torch.Tensor, mask: torch.Tensor, dense: bool = True) -> torch.Tensor:
     """r_t = 2 σ(D_t) - 1 in [-1, 1] at every step (losses.py: "MaskGAN uses log(D), but this is more stable
-    empirically"); 0 after the end, where D's logit is masked to 0. Sparse (dense=False): only the last token
-    of each sequence is rewarded, with D's verdict on the whole sequence."""
+    empirically"); 0 after the end, where D's logit is masked to 0. Sparse (dense=False; the official code has no
+    such switch, so this is this file's reading of the ablation): only the last token of each sequence is rewarded,
+    with D's verdict on the whole sequence."""
     rewards = (2 * torch.sigmoid(d_logits.float()) - 1) * mask
     if dense:
         return rewards
@@ -690,8 +691,8 @@ def train(args: Args, run: common.Run) -> None:
                 checkpoints.check_losses(record, step)
             if args.sample_every and step % args.sample_every == 0 and run.is_main:
                 rng = torch.Generator(device=device).manual_seed(args.seed + 3)
-                common.write_text_samples(run.out / f"samples_{step}.txt",
-                                          common.sample_lines(data, generate(gan.generator, SAMPLE_LINES, layout, 1.0, rng)))
+                samples = generate(gan.generator, SAMPLE_LINES, layout, 1.0, rng)
+                common.write_text_samples(run.out / f"samples_{step}.txt", common.sample_lines(data, samples))
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 checkpoints.save(step, state(), networks)
             if stop(device):
