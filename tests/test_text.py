@@ -332,6 +332,30 @@ def test_bleu_on_hand_computed_cases():
     assert mean == pytest.approx(0.5)
 
 
+def test_text_sample_metrics_score_against_the_test_split_and_never_a_sample_against_itself():
+    """Sample 1 is a test sentence, sample 2 shares no word with anything: BLEU 0.5 against the test split (1 and
+    0), self-BLEU 0 (neither shares a bigram with the other), whatever they would score against themselves."""
+    vocab = common.Vocabulary.build([["a", "b", "c"]])
+    test = common.encode_sentences([["a", "b", "c"], ["a", "q"]], vocab, 5)  # "q" is out of vocabulary
+    train = common.encode_sentences([["a", "b", "c"]], vocab, 5)
+    data = common.TextData(train, test, vocab, vocab.index[common.BOS], "toy", [["a", "b", "c"]])
+    metrics = common.text_sample_metrics(words("a b c", "x y z"), data, bleu_samples=2, self_bleu_samples=2)
+    assert metrics["eval/bleu2"] == pytest.approx(0.5) and metrics["eval/self_bleu2"] == 0.0
+    assert metrics["eval/oov_rate"] == pytest.approx(1 / 7) and metrics["eval/mean_length"] == 3
+    only_first = common.text_sample_metrics(words("a b c", "x y z"), data, bleu_samples=1, self_bleu_samples=2)
+    assert only_first["eval/bleu2"] == pytest.approx(1.0)  # the first bleu_samples sentences, no more
+
+
+def test_sample_lines_are_token_ids_for_the_oracle_and_sentences_for_text():
+    vocab = common.Vocabulary.build([["a", "b"]])
+    tokens = common.encode_sentences([["b", "a"]], vocab, 4)
+    data = common.TextData(tokens, tokens, vocab, vocab.index[common.BOS], "toy", [])
+    assert common.sample_lines(data, tokens) == ["b a"]
+    ids = common.Vocabulary([str(i) for i in range(5)], specials=False)
+    oracle = common.TextData(tokens, tokens, ids, 0, "oracle", [], oracle=object())
+    assert common.sample_lines(oracle, torch.tensor([[0, 4, 2]])) == ["0 4 2"]
+
+
 def test_self_bleu_never_counts_a_sample_in_its_own_references():
     samples = words("a b c", "a b c", "x y z")
     assert common.bleu(samples, samples, 3, exclude_self=True) == pytest.approx({2: 2 / 3, 3: 2 / 3})
