@@ -11,7 +11,7 @@ Contents, in order:
   Image datasets           MNIST, Fashion-MNIST, CIFAR-10, Stacked MNIST, image folders; Batches (images or tokens)
   Text datasets            COCO, EMNLP2017 (two preprocessings, never mixed), poems, files; the SeqGAN oracle; BLEU
                            and the other sample metrics; samples as lines of text
-  Metrics                  MetricsLogger, nearest-neighbour distances, image grids, loss plots
+  Metrics                  MetricsLogger, nearest-neighbour distances, image grids, line plots
   Checkpoints              save / load / RNG state, Checkpoints (the last good checkpoint, divergence, Ctrl-C)
 """
 
@@ -145,7 +145,9 @@ def build_parser(args_cls, prog=None) -> argparse.ArgumentParser:
         if "default" not in text and default not in ("", None):  # the comment may say it better, as for --out
             text += f" (default: {default})"
         kwargs = dict(default=default, help=text.replace("%", "%%").strip() or " ", dest=f.name)
-        if tp is bool:
+        if tp == typing.List[str]:  # the one positional kind: a list of words, as evaluate.py's run folders
+            parser.add_argument(f.name, nargs="*", metavar=f.name.upper(), default=default, help=kwargs["help"])
+        elif tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(tp) is typing.Literal:
             choices = typing.get_args(tp)
@@ -162,7 +164,7 @@ def parse_args(args_cls, argv=None):
     `python dcgan.py --resume runs/x` continues run x as it was configured, and any flag given overrides."""
     parser = build_parser(args_cls)
     namespace = parser.parse_args(argv)
-    if namespace.resume:
+    if getattr(namespace, "resume", ""):
         try:
             saved = load_checkpoint(namespace.resume, map_location="cpu")["args"]
         except UserError as e:
@@ -1551,6 +1553,12 @@ def plot_metrics(metrics_path, png_path, prefixes=("loss/",), title: str = "", x
             if key.startswith(tuple(prefixes)) and isinstance(value, (int, float)) and math.isfinite(value) \
                     and x_key in row:
                 series.setdefault(key, []).append((row[x_key], float(value)))
+    plot_series(series, png_path, title, x_label=x_key)
+
+
+def plot_series(series: dict, png_path, title: str = "", x_label: str = "step", y_label: str = "") -> None:
+    """{name: [(x, y), ...]} as one line per name (a dot where a name has one point), with Pillow only."""
+    series = {k: v for k, v in series.items() if v}
     width, height, left, right, top, bottom = 900, 480, 70, 20, 40, 50
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -1579,7 +1587,8 @@ def plot_metrics(metrics_path, png_path, prefixes=("loss/",), title: str = "", x
         px, _ = to_pixel(x, y_lo)
         draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
         draw.text((px - 12, height - bottom + 8), f"{x:g}", fill="black", font=font)
-    draw.text((width // 2 - 10, height - 20), x_key, fill="black", font=font)
+    draw.text((width // 2 - 10, height - 20), x_label, fill="black", font=font)
+    draw.text((5, top - 16), y_label, fill="black", font=font)
     for i, (key, values) in enumerate(sorted(series.items())):
         colour = PALETTE[i % len(PALETTE)]
         pixels = [to_pixel(x, y) for x, y in values]
@@ -1587,10 +1596,10 @@ def plot_metrics(metrics_path, png_path, prefixes=("loss/",), title: str = "", x
             draw.line(pixels, fill=colour, width=2)
         else:
             x, y = pixels[0]
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        draw.line([width - right - 150, top + 12 + 14 * i, width - right - 130, top + 12 + 14 * i], fill=colour,
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+        draw.line([width - right - 210, top + 12 + 14 * i, width - right - 190, top + 12 + 14 * i], fill=colour,
                   width=3)
-        draw.text((width - right - 125, top + 6 + 14 * i), key, fill="black", font=font)
+        draw.text((width - right - 185, top + 6 + 14 * i), key[:30], fill="black", font=font)
     atomic_write(png_path, lambda f: image.save(f, format="PNG"))
 
 

@@ -84,6 +84,9 @@ class Args(common.RunArgs):
     embed_dim: int = 128  # size of the shared class embedding (BigGAN: 128)
     gp_weight: float = 10.0  # lambda of WGAN-GP's gradient penalty (Gulrajani et al. 2017 eq. 3)
     r1: float = 0.0  # gamma of the R1 penalty on D's gradient at real data (Mescheder et al. 2018 eq. 9); 0: off
+    pack: int = 1
+    # PacGAN (Lin et al. 2018 §3): D judges packs of m images concatenated along the channels, all real or all fake,
+    # so a G that repeats itself is seen doing it; a batch of B images makes B/m packs (PacGAN's code draws m x 64)
     num_samples: int = 10_000  # images written to samples.npz at the end
 
     def __post_init__(self):
@@ -92,7 +95,8 @@ class Args(common.RunArgs):
         size = self.image_size
         if not (16 <= size <= 128 and size & (size - 1) == 0):
             raise ValueError(f"--image-size must be a power of two from 16 to 128, got {size}")
-        common.check_ranges(self, at_least_1=("z_dim", "g_width", "d_width", "d_steps", "embed_dim", "num_samples"),
+        common.check_ranges(self, at_least_1=("z_dim", "g_width", "d_width", "d_steps", "embed_dim", "num_samples",
+                                              "pack"),
                             positive=("lr_g", "lr_d"),
                             fraction=("beta1", "beta2", "label_smoothing", "label_flip", "ema_decay"),
                             at_least_0=("instance_noise", "replay_size", "ortho_reg", "truncation", "gp_weight", "r1"))
@@ -104,6 +108,10 @@ class Args(common.RunArgs):
                              f"{self.loss} does not have; use --loss ns or lsgan")
         if self.truncation and self.z_dist != "normal":
             raise ValueError("--truncation truncates a Gaussian; add --z-dist normal")
+        if self.batch_size % self.pack:
+            raise ValueError(f"--batch-size {self.batch_size} does not split into packs of --pack {self.pack}")
+        if self.pack > 1 and self.conditional:
+            raise ValueError("--pack mixes images of different classes in one pack; it cannot go with --conditional")
         if self.loss == "wgan-gp" and self.d_norm == "batch":
             raise ValueError("--loss wgan-gp penalises each sample's gradient, which batch norm couples across the "
                              "batch (Gulrajani et al. §4); use --d-norm layer, none or auto")
@@ -192,10 +200,16 @@ class Discriminator(nn.Module):
     At 32 px with width 64: (B, C, 32, 32) -> (B, 64, 16, 16) -> (B, 128, 8, 8) -> (B, 256, 4, 4) -> (B,).
 
     Conditional: the projection discriminator (Miyato & Koyama 2018 eq. 3), f(x, y) = psi(phi(x)) + e(y)^T phi(x),
-    with phi(x) the 4x4 features summed over space."""
+    with phi(x) the 4x4 features summed over space.
 
-    def __init__(self, channels: int, image_size: int, width: int = 64, norm: str = "batch", num_classes: int = 0):
+    Packing (PacGAN, Lin et al. 2018 §3): with pack m, each m consecutive images of the batch are one input of m x C
+    channels and get one score, so (B, C, H, W) -> (B/m,). Only the input layer grows."""
+
+    def __init__(self, channels: int, image_size: int, width: int = 64, norm: str = "batch", num_classes: int = 0,
+                 pack: int = 1):
         super().__init__()
+        self.pack = pack
+        channels *= pack
         halvings = int(math.log2(image_size)) - 2  # image_size -> 4x4
         widths = [width * 2 ** i for i in range(halvings)]  # e.g. 32 px: [64, 128, 256]
         self.convs = nn.ModuleList([nn.Conv2d(channels, widths[0], 4, 2, 1)])  # no norm on D's input (Radford §3)
@@ -209,7 +223,7 @@ class Discriminator(nn.Module):
         self.apply(init_weights)
 
     def forward(self, x: torch.Tensor, labels: typing.Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = x
+        h = x.reshape(len(x) // self.pack, self.pack * x.shape[1], *x.shape[2:])  # (B/m, m C, H, W)
         for conv, norm in zip(self.convs, self.norms):
             h = F.leaky_relu(norm(conv(h)), 0.2)  # LeakyReLU(0.2) everywhere in D (Radford §3)
         score = self.score(h).flatten()  # (B,)
@@ -299,16 +313,19 @@ def discriminator_targets(args: Args, batch: int, device: torch.device):
 
 def gradient_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor, labels) -> torch.Tensor:
     """WGAN-GP (Gulrajani eq. 3): E[(||grad D(x_hat)||_2 - 1)^2] at x_hat = eps x + (1 - eps) G(z), eps ~ U[0, 1]."""
-    eps = torch.rand(len(real), 1, 1, 1, device=real.device)
+    pack = getattr(discriminator, "pack", 1)  # with packing, D's input and so the gradient's norm are per pack
+    packs = len(real) // pack
+    eps = torch.rand(packs, 1, 1, 1, device=real.device).repeat_interleave(pack, dim=0)
     x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
     (grad,) = torch.autograd.grad(discriminator(x_hat, labels).float().sum(), x_hat, create_graph=True)
-    return (grad.float().flatten(1).norm(dim=1) - 1).pow(2).mean()
+    return (grad.float().reshape(packs, -1).norm(dim=1) - 1).pow(2).mean()
 
 
 def r1_penalty(real_scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """R1 (Mescheder et al. 2018 eq. 9) without its gamma / 2: E[||grad_x D(x)||^2] on real data."""
+    """R1 (Mescheder et al. 2018 eq. 9) without its gamma / 2: E[||grad_x D(x)||^2] on real data, one D input (an
+    image, or a pack of them) per norm."""
     (grad,) = torch.autograd.grad(real_scores.float().sum(), real, create_graph=True)
-    return grad.float().pow(2).flatten(1).sum(dim=1).mean()
+    return grad.float().pow(2).reshape(len(real_scores), -1).sum(dim=1).mean()
 
 
 def orthogonal_regularisation(module: nn.Module) -> torch.Tensor:
@@ -405,7 +422,8 @@ class GAN:
 
 def build_gan(args: Args, channels: int, num_classes: int, device: torch.device) -> GAN:
     generator = Generator(args.z_dim, channels, args.image_size, args.g_width, num_classes, args.embed_dim)
-    discriminator = Discriminator(channels, args.image_size, args.d_width, args.discriminator_norm(), num_classes)
+    discriminator = Discriminator(channels, args.image_size, args.d_width, args.discriminator_norm(), num_classes,
+                                  args.pack)
     if args.spectral_norm:
         apply_spectral_norm(discriminator)
     if args.spectral_norm_g:
@@ -446,7 +464,7 @@ def train_step(gan: GAN, args: Args, next_batch, step: int, planned_steps: int, 
         with common.autocast(device, args.amp):
             real_scores = D(d_real_in, labels)
             fake_scores = D(d_fake_in, fake_labels)
-        real_target, fake_target = discriminator_targets(args, batch, device)
+        real_target, fake_target = discriminator_targets(args, len(real_scores), device)  # one per D input
         loss_d, d_metrics = discriminator_loss(args.loss, real_scores, fake_scores, real_target, fake_target)
         metrics.update(d_metrics)
         if args.loss == "wgan-gp":
@@ -535,9 +553,11 @@ def evaluate(gan: GAN, sampler: nn.Module, args: Args, samples: torch.Tensor, tr
     metrics = common.nearest_neighbour_distances(samples, train.images, test.images, device, args.seed, count)
 
     def mean_score(images, labels):  # D in training mode, as it judged batches during training
-        scores = torch.cat([gan.discriminator(images[i:i + 500].to(device).float() / 127.5 - 1,
-                                              None if labels is None else labels[i:i + 500].to(device)).float()
-                            for i in range(0, len(images), 500)])
+        chunk = 500 // args.pack * args.pack  # whole packs
+        images = images[:len(images) // args.pack * args.pack]
+        scores = torch.cat([gan.discriminator(images[i:i + chunk].to(device).float() / 127.5 - 1,
+                                              None if labels is None else labels[i:i + chunk].to(device)).float()
+                            for i in range(0, len(images), chunk)])
         return (torch.sigmoid(scores) if args.loss == "ns" else scores).mean().item()
 
     labelled = lambda data: data.labels[:count] if args.conditional else None  # noqa: E731

@@ -141,6 +141,40 @@ def test_gradient_penalties_on_a_linear_critic():
     assert dcgan.gradient_penalty(critic, real, fake, None).item() == pytest.approx(16.0)  # (5 - 1)^2
 
 
+def test_a_pack_is_one_input_of_its_images_concatenated_along_the_channels():
+    """PacGAN (Lin et al. §3): D with pack 2 scores each pair of consecutive images as one 2-channel input; the
+    same weights in a 2-channel D, fed the concatenated pairs by hand, give the same scores."""
+    torch.manual_seed(0)
+    packed = dcgan.Discriminator(1, 16, width=8, norm="none", pack=2)
+    plain = dcgan.Discriminator(2, 16, width=8, norm="none")
+    plain.load_state_dict(packed.state_dict())
+    x = torch.randn(6, 1, 16, 16)
+    scores = packed(x)
+    assert scores.shape == (3,)
+    by_hand = plain(torch.cat([x[0::2], x[1::2]], dim=1))
+    assert torch.allclose(scores, by_hand, atol=1e-6)
+    changed = x.clone()
+    changed[3] += 1  # the second image of the second pack: only that pack's score moves
+    moved = packed(changed) != scores
+    assert moved.tolist() == [False, True, False]
+
+
+def test_penalties_take_one_norm_per_pack():
+    """With pack 2, D's input is a pair: a linear critic with weight 0.5 on each of the pair's 8 pixels has
+    ||w|| = sqrt(2) per input; one norm per image would see 1 and give a WGAN-GP penalty of 0."""
+    class PackedLinearCritic(nn.Module):
+        pack = 2
+
+        def forward(self, x, labels=None):
+            return 0.5 * x.reshape(len(x) // 2, -1).sum(1)
+
+    critic = PackedLinearCritic()
+    real, fake = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
+    assert dcgan.gradient_penalty(critic, real, fake, None).item() == pytest.approx((math.sqrt(2) - 1) ** 2)
+    x = real.clone().requires_grad_(True)
+    assert dcgan.r1_penalty(critic(x), x).item() == pytest.approx(2.0)  # ||w||^2 over the pack
+
+
 def test_wgan_gp_draws_one_interpolation_point_per_sample():
     """Gulrajani eq. 3 takes x_hat = eps x + (1 - eps) G(z) with its own eps ~ U[0, 1] for every sample. With the
     critic D(x) = ||x||^2 / 2, grad D(x_hat) = x_hat; from fakes at 0, ||x_hat|| = eps_i ||x_i||, so the penalty is
@@ -316,7 +350,8 @@ TRICKS = {
     "spectral-norm-g": dict(spectral_norm_g=True), "ema": dict(ema_decay=0.99), "ortho-reg": dict(ortho_reg=1e-4),
     "truncation": dict(z_dist="normal", truncation=0.5), "conditional": dict(conditional=True),
     "hinge": dict(loss="hinge"), "lsgan": dict(loss="lsgan", label_smoothing=0.1), "wgan-gp": dict(loss="wgan-gp"),
-    "r1": dict(r1=10.0), "d-norm-layer": dict(d_norm="layer"), "ttur-beta1-0": dict(lr_d=4e-4, beta1=0.0),
+    "r1": dict(r1=10.0), "pack": dict(pack=2), "pack-wgan-gp-r1": dict(pack=4, loss="wgan-gp", r1=1.0),
+    "d-norm-layer": dict(d_norm="layer"), "ttur-beta1-0": dict(lr_d=4e-4, beta1=0.0),
     "biggan-recipe": dict(loss="hinge", spectral_norm=True, spectral_norm_g=True, ema_decay=0.999, ortho_reg=1e-4,
                           conditional=True, z_dist="normal", truncation=1.0, d_steps=2, lr_g=5e-5, lr_d=2e-4,
                           beta1=0.0),
@@ -427,6 +462,8 @@ def run_cli(flags, capsys):
     (["--loss", "wgan-gp", "--d-norm", "batch"], "couples"),
     (["--dataset", "imagenet"], "is not one of"),
     (["--label-flip", "1.5"], "must be in [0, 1)"),
+    (["--pack", "3"], "does not split into packs"),
+    (["--pack", "2", "--conditional"], "cannot go with --conditional"),
     (["--lr-d", "-1"], "must be positive"),
     (["--device", "tpu"], "invalid choice"),
 ])
@@ -486,7 +523,7 @@ def test_command_line_help_explains_every_trick():
                          ("--ema-decay", "BigGAN"), ("--ortho-reg", "eq. 3"), ("--truncation", "BigGAN"),
                          ("--conditional", "projection"), ("--r1", "Mescheder"), ("--d-steps", "Alg. 1"),
                          ("--noisy-labels", "ganhacks #6"), ("--z-dist", "ganhacks #3"), ("--z-dist", "slerp"),
-                         ("--lr-d", "2 D steps per G step")]:
+                         ("--lr-d", "2 D steps per G step"), ("--pack", "PacGAN")]:
         assert source in helps[flag], (flag, helps[flag])
         assert " ".join(helps[flag].split()) in " ".join(result.stdout.split())
 

@@ -1,0 +1,707 @@
+"""evaluate.py: every model's samples scored on the same data with the same metrics, so that runs of different
+model files can be read side by side.
+
+Each model file reports its own proxy (nearest-neighbour pixel distances, reconstruction MSE, a likelihood), and no
+two of those compare. This file scores the samples every image model writes (samples.npz: 10,000 uint8 images) in
+one feature space, against the 10,000 test images of the run's dataset:
+
+  - the feature space is the penultimate layer (128 units) of a small CNN classifier trained here, on the dataset's
+    training split with a fixed seed, and cached in the data folder under a name that changes with its recipe. No
+    network is downloaded, so the numbers are in this project's feature space, not comparable with Inception-FID
+    tables; they compare runs with each other and with two reference rows: the training images themselves (the
+    floor: what a perfect model would score) and uniform noise (the ceiling);
+  - Fréchet distance (Heusel et al. 2017, eq. 6) between Gaussians fitted to the features, in float64;
+  - KID (Bińkowski et al. 2018, §3): the unbiased MMD^2 with the kernel k(a, b) = (a·b / d + 1)^3, mean and standard
+    deviation over 100 random subsets of 1,000 from each side;
+  - precision and recall (Kynkäänniemi et al. 2019, eq. 1-2, k = 3): the share of samples inside the test images'
+    manifold (each test image's ball reaching its 3rd nearest test neighbour), and of test images inside the
+    samples' manifold; density and coverage (Naeem et al. 2020, eq. 3-4, k = 5), the same balls counted rather than
+    or-ed, and coverage asking only that a test image's own ball hold a sample;
+  - KL(p_samples ‖ p_test) in nats between the classifier's class histograms, and recall per class (the share of
+    each class's test images that the samples cover): which classes a model misses.
+  - Stacked MNIST (three MNIST digits as the R, G, B channels: 1,000 modes): the MNIST classifier reads each
+    channel of 26,000 samples; modes covered (at least one sample) out of 1,000 and KL(p_samples ‖ uniform) in nats,
+    the protocol of VEEGAN (Srivastava et al. 2017, §5.2) and PacGAN (Lin et al. 2018, §5.1), beside what a perfect
+    generator gets from 26,000 draws.
+Likelihoods a run reports go into the same table, each in its own column with its setting: nats per image on
+binarised pixels (vae.py) and bits per dimension on 8-bit pixels (flow.py) are different quantities.
+
+Run it:
+    python evaluate.py runs/dcgan-a runs/vae-b runs/flow-c --out comparison   # one table of runs on one dataset
+    python evaluate.py runs/dcgan-stacked --out stacked                       # Stacked MNIST: modes and KL
+    python evaluate.py --benchmark runs/dcgan-a                               # time of the classifier and a scoring
+
+Results: README, "evaluate.py".
+"""
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import typing
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+CLASS_NAMES = {
+    "mnist": tuple(str(digit) for digit in range(10)),
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
+# The dataset whose classifier reads a run's images: Stacked MNIST is read one channel at a time by MNIST's.
+CLASSIFIER_DATASET = {"mnist": "mnist", "fashion-mnist": "fashion-mnist", "cifar10": "cifar10",
+                      "stacked-mnist": "mnist"}
+NATIVE_SIZE = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32}
+ACCURACY_TARGET = {"mnist": 0.99, "fashion-mnist": 0.90}  # test accuracy below which the features are suspect
+# How the feature network is trained. Its hash, with the source of Classifier and train_classifier, names the cache
+# file, so changing any of them trains a new network instead of silently reusing an old one.
+CLASSIFIER_RECIPE = dict(widths=(32, 64), features=128, epochs=6, batch_size=128, lr=2e-3, seed=0,
+                         train_images=0)  # train_images 0: the whole training split
+STACKED_MODES = 1000
+PERFECT_DRAWS = 100  # simulated perfect generators averaged for the Stacked MNIST reference row
+FEATURE_BATCH = 1000
+
+
+@dataclasses.dataclass
+class Args:
+    runs: typing.List[str] = dataclasses.field(default_factory=list)  # run folders written by the model files
+    out: str = "comparison"  # folder for comparison.md, comparison.json and comparison.png
+    data_dir: str = dataclasses.field(default_factory=lambda: common.RunArgs().data_dir)
+    # where the datasets are, and where the classifiers are cached (default: $MINIGEN_DATA, else ./data)
+    device: typing.Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto picks cuda, then mps, then cpu
+    seed: int = 0  # draws of the reference rows and of KID's subsets (the classifier has its own fixed seed)
+    samples: int = 10_000  # samples scored per image run, against as many test images (all 10,000)
+    stacked_samples: int = 26_000  # samples per Stacked MNIST run (VEEGAN's and PacGAN's protocol)
+    kid_subsets: int = 100  # KID: subsets averaged (Bińkowski et al. §3 use 100 of 1,000)
+    kid_subset_size: int = 1_000  # KID: samples per subset, from each side
+    k_precision: int = 3  # precision / recall: the k-th neighbour sets the radius (Kynkäänniemi et al. k = 3)
+    k_density: int = 5  # density / coverage: the k of Naeem et al. (k = 5)
+    benchmark: bool = False  # time the classifier's training and the scoring of the first run; no files written
+    tricks: str = ""  # stacked-mnist | fashion-mnist: train dcgan.py with each of TRICKS (runs not yet done), score
+    budget: typing.Literal["cpu", "full"] = "cpu"  # --tricks: the step budget of each run (TRICK_BUDGETS)
+    seeds: int = 3  # --tricks: seeds per trick (0, 1, ...)
+    jobs: int = 1  # --tricks: trainings at once, one thread each when more than 1
+
+    def __post_init__(self):
+        common.check_ranges(self, at_least_1=("samples", "stacked_samples", "kid_subsets", "k_precision",
+                                              "k_density", "seeds", "jobs"))
+        if self.tricks and self.tricks not in ("stacked-mnist", "fashion-mnist"):
+            raise ValueError(f"--tricks runs on stacked-mnist or fashion-mnist, got {self.tricks!r}")
+        if self.tricks and self.runs:
+            raise ValueError("--tricks trains and scores its own runs; give no run folders with it")
+        if self.kid_subset_size < 2:
+            raise ValueError(f"--kid-subset-size must be at least 2, got {self.kid_subset_size}")
+        if not self.runs and not self.benchmark and not self.tricks:
+            raise ValueError("give one or more run folders, e.g. python evaluate.py runs/dcgan-fashion-mnist-...")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The feature network
+# ---------------------------------------------------------------------------------------------------------------
+
+class Classifier(nn.Module):
+    """Two conv blocks and a 128-unit layer whose activations are the features every image metric uses."""
+
+    def __init__(self, channels: int, classes: int, size: int, widths=(32, 64), features: int = 128):
+        super().__init__()
+        a, b = widths
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, a, 3, padding=1), nn.BatchNorm2d(a), nn.ReLU(), nn.MaxPool2d(2),  # a x s/2 x s/2
+            nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU(), nn.MaxPool2d(2),  # b x s/4 x s/4
+            nn.Flatten(), nn.Linear(b * (size // 4) ** 2, features), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(features, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def scaled(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1
+
+
+def train_classifier(train: common.ImageData, recipe: dict, device: torch.device) -> Classifier:
+    """Adam with a cosine learning rate over a few epochs; its own seeded generators, so the global RNG is untouched
+    and the same recipe gives the same network."""
+    images, labels = train.images, train.labels
+    if recipe["train_images"]:
+        images, labels = images[:recipe["train_images"]], labels[:recipe["train_images"]]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe["seed"])
+        model = Classifier(images.shape[1], train.num_classes, images.shape[-1], recipe["widths"],
+                           recipe["features"]).to(device)
+    order = torch.Generator().manual_seed(recipe["seed"] + 1)
+    steps = recipe["epochs"] * math.ceil(len(images) / recipe["batch_size"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe["lr"])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(recipe["seed"] + 2)  # dropout
+        for _ in range(recipe["epochs"]):
+            for batch in torch.randperm(len(images), generator=order).split(recipe["batch_size"]):
+                loss = F.cross_entropy(model(scaled(images[batch].to(device))), labels[batch].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+    return model.eval()
+
+
+def recipe_key(dataset: str, recipe: dict) -> str:
+    code = inspect.getsource(Classifier) + inspect.getsource(train_classifier)
+    blob = json.dumps({"dataset": dataset, "recipe": recipe}, sort_keys=True) + code
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass
+class FeatureNetwork:
+    model: Classifier
+    dataset: str
+    accuracy: float  # on the whole test split
+    path: typing.Optional[Path]  # the cache file (None when it could not be written)
+    seconds: float  # training time, 0 when loaded from the cache
+
+    @torch.no_grad()
+    def features_and_classes(self, images: torch.Tensor, device) -> tuple:
+        """Penultimate features (float64, N x 128) and predicted classes of uint8 images at the dataset's size."""
+        features, classes = [], []
+        for chunk in images.split(FEATURE_BATCH):
+            h = self.model.body(scaled(chunk.to(device)))
+            features.append(h.double().cpu())
+            classes.append(self.model.head(h).argmax(1).cpu())
+        return torch.cat(features), torch.cat(classes)
+
+
+def load_feature_network(dataset: str, data_dir, device, recipe: typing.Optional[dict] = None, log=print,
+                         use_cache: bool = True) -> FeatureNetwork:
+    """The dataset's classifier from <data-dir>/evaluate-cache/, trained and saved there first if it is missing."""
+    recipe = recipe or CLASSIFIER_RECIPE
+    test = common.load_image_dataset(dataset, data_dir, NATIVE_SIZE[dataset], "test")
+    path = Path(data_dir) / "evaluate-cache" / f"classifier-{dataset}-{recipe_key(dataset, recipe)}.pt"
+    train = None
+    model = Classifier(test.images.shape[1], test.num_classes, NATIVE_SIZE[dataset], recipe["widths"],
+                       recipe["features"]).to(device)
+    seconds = 0.0
+    if use_cache and path.is_file():
+        try:
+            model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+            model.eval()
+        except Exception as e:  # torch raises many types for a damaged or foreign file
+            raise common.UserError(f"{path}: cannot read the cached classifier ({type(e).__name__}); delete it to "
+                                   f"train it again")
+    else:
+        where = f"; cached afterwards in {path.parent}" if use_cache else ", not cached"
+        log(f"training the {dataset} feature classifier ({recipe['epochs']} epochs{where})")
+        train = common.load_image_dataset(dataset, data_dir, NATIVE_SIZE[dataset], "train")
+        started = time.perf_counter()
+        model = train_classifier(train, recipe, device)
+        seconds = time.perf_counter() - started
+        if use_cache:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                common.atomic_write(path, lambda f: torch.save(model.state_dict(), f))
+            except OSError as e:
+                log(f"note: could not cache the classifier in {path.parent} ({e.strerror}); it will be trained again")
+                path = None
+    network = FeatureNetwork(model, dataset, 0.0, path, seconds)
+    _, predicted = network.features_and_classes(test.images, device)
+    network.accuracy = (predicted == test.labels).float().mean().item()
+    target = ACCURACY_TARGET.get(dataset)
+    verdict = "" if target is None or network.accuracy >= target else f", below the {target:.0%} it should reach"
+    log(f"feature classifier {dataset}: test accuracy {network.accuracy:.2%}{verdict}"
+        + (f" (trained in {seconds:.0f} s)" if seconds else ""))
+    return network
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics on features: pure functions, float64
+# ---------------------------------------------------------------------------------------------------------------
+
+def psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(matrix)
+    return vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """||mu_x - mu_y||^2 + tr(S_x + S_y - 2 (S_x S_y)^(1/2)) (Heusel et al. eq. 6). The trace of the root is taken as
+    tr((S_x^(1/2) S_y S_x^(1/2))^(1/2)), a symmetric PSD matrix with the same eigenvalues, so eigh suffices (no
+    scipy.linalg.sqrtm and none of its complex round-off)."""
+    x, y = x.double(), y.double()
+    s_x, s_y = torch.cov(x.T), torch.cov(y.T)
+    root_x = psd_sqrt(s_x)
+    middle = root_x @ s_y @ root_x
+    trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    return ((x.mean(0) - y.mean(0)).square().sum() + s_x.trace() + s_y.trace() - 2 * trace_root).item()
+
+
+def kernel_inception_distance(x: torch.Tensor, y: torch.Tensor, subsets: int, subset_size: int,
+                              seed: int) -> tuple:
+    """KID (Bińkowski et al. §3): per subset, the unbiased MMD^2 (their eq. 3: the diagonal of the within-set kernel
+    matrices left out) with k(a, b) = (a·b / d + 1)^3; returns its mean and standard deviation over the subsets."""
+    x, y = x.double(), y.double()
+    m, dims = min(subset_size, len(x), len(y)), x.shape[1]
+    draws = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(subsets):
+        a = x[torch.randperm(len(x), generator=draws)[:m]]
+        b = y[torch.randperm(len(y), generator=draws)[:m]]
+        k_aa, k_bb, k_ab = [(p @ q.T / dims + 1) ** 3 for p, q in ((a, a), (b, b), (a, b))]
+        within = (k_aa.sum() - k_aa.trace() + k_bb.sum() - k_bb.trace()) / (m * (m - 1))
+        values.append((within - 2 * k_ab.mean()).item())
+    values = torch.tensor(values, dtype=torch.float64)
+    return values.mean().item(), (values.std().item() if len(values) > 1 else 0.0)
+
+
+def kth_neighbour_distances(x: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
+    """For every point of x, the distance to its k-th nearest other point of x (the radius of its ball)."""
+    if len(x) <= k:
+        raise common.UserError(f"{len(x)} points cannot give each one a {k}-th nearest neighbour")
+    radii = []
+    for start in range(0, len(x), chunk):
+        d = torch.cdist(x[start:start + chunk], x)
+        rows = torch.arange(len(d))
+        d[rows, start + rows] = math.inf  # a point is not its own neighbour
+        radii.append(d.kthvalue(k, dim=1).values)
+    return torch.cat(radii)
+
+
+def manifold_metrics(real: torch.Tensor, fake: torch.Tensor, k_precision: int, k_density: int,
+                     real_radii: typing.Optional[dict] = None, chunk: int = 2048) -> dict:
+    """Precision, recall (Kynkäänniemi et al. eq. 1-2), density and coverage (Naeem et al. eq. 3-4) in one pass over
+    the fake x real distances. A point lies in a ball when its distance is at most the radius. Also returns
+    `recall_mask`: which real points the samples' manifold covers (for recall per class)."""
+    real_radii = real_radii or {}
+    r_pr = real_radii.get(k_precision)
+    r_pr = kth_neighbour_distances(real, k_precision) if r_pr is None else r_pr
+    r_dc = real_radii.get(k_density)
+    r_dc = kth_neighbour_distances(real, k_density) if r_dc is None else r_dc
+    fake_radii = kth_neighbour_distances(fake, k_precision)
+    in_real_manifold = torch.zeros(len(fake), dtype=torch.bool)
+    balls_holding = torch.zeros(len(fake), dtype=torch.float64)  # density: real balls around each sample
+    covered_by_fake = torch.zeros(len(real), dtype=torch.bool)  # recall: real points inside some sample's ball
+    nearest_fake = torch.full((len(real),), math.inf, dtype=torch.float64)
+    for start in range(0, len(fake), chunk):
+        d = torch.cdist(fake[start:start + chunk], real)  # samples x real
+        in_real_manifold[start:start + chunk] = (d <= r_pr).any(1)
+        balls_holding[start:start + chunk] = (d <= r_dc).sum(1).double()
+        covered_by_fake |= (d <= fake_radii[start:start + chunk, None]).any(0)
+        nearest_fake = torch.minimum(nearest_fake, d.min(0).values.double())
+    return {"precision": in_real_manifold.double().mean().item(),
+            "recall": covered_by_fake.double().mean().item(),
+            "density": (balls_holding.sum() / (k_density * len(fake))).item(),
+            "coverage": (nearest_fake <= r_dc).double().mean().item(),
+            "recall_mask": covered_by_fake}
+
+
+def histogram_kl(classes_p: torch.Tensor, classes_q: torch.Tensor, count: int) -> float:
+    """KL(p ‖ q) in nats between the histograms of two label vectors over `count` classes (inf where q misses a
+    class that p has)."""
+    p = torch.bincount(classes_p, minlength=count).double() / len(classes_p)
+    q = torch.bincount(classes_q, minlength=count).double() / len(classes_q)
+    terms = torch.where(p > 0, p * (p / q).log(), torch.zeros_like(p))
+    return terms.sum().item()
+
+
+def stacked_modes(digits: torch.Tensor) -> tuple:
+    """Stacked MNIST's modes covered and KL(p_samples ‖ uniform over 1,000) in nats, from N x 3 digits (R, G, B),
+    as VEEGAN and PacGAN count them: a mode is covered when at least one sample falls in it."""
+    modes = digits @ torch.tensor([100, 10, 1])
+    counts = torch.bincount(modes, minlength=STACKED_MODES).double()
+    p = counts / counts.sum()
+    kl = torch.where(p > 0, p * (p * STACKED_MODES).log(), torch.zeros_like(p)).sum()
+    return int((counts > 0).sum()), kl.item()
+
+
+def perfect_stacked_reference(samples: int, seed: int, draws: int = PERFECT_DRAWS) -> tuple:
+    """Mean modes and KL of a generator that draws the 1,000 modes uniformly, over `draws` sets of `samples`: the
+    best any run can score at that sample count (KL is not 0: a finite sample is never exactly uniform)."""
+    rng = torch.Generator().manual_seed(seed)
+    results = [stacked_modes(torch.randint(0, 10, (samples, 3), generator=rng)) for _ in range(draws)]
+    return sum(r[0] for r in results) / draws, sum(r[1] for r in results) / draws
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs: reading, scoring, tables
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunRecord:
+    path: Path
+    name: str
+    model: str
+    dataset: str
+    command: str
+    final: dict  # the run's final metrics line ({} when it has none)
+    images: typing.Optional[torch.Tensor] = None  # uint8 N x C x H x W
+
+
+def read_json_lines(path: Path) -> list:
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed run
+    return rows
+
+
+def read_run(folder) -> RunRecord:
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise common.UserError(f"{folder}: not a run folder (no config.json); give folders that a model file wrote")
+    try:
+        config = json.loads(config_path.read_text())
+        model, dataset = config["model"], config["args"]["dataset"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise common.UserError(f"{config_path}: not a model file's config.json ({e})")
+    metrics = folder / "metrics.jsonl"
+    finals = [row for row in read_json_lines(metrics) if row.get("final")] if metrics.is_file() else []
+    record = RunRecord(folder, folder.name, model, dataset, config.get("command", ""), finals[-1] if finals else {})
+    if dataset not in CLASSIFIER_DATASET:
+        raise common.UserError(f"{folder}: dataset {dataset!r} has no classifier here (images: "
+                               f"{', '.join(CLASSIFIER_DATASET)})")
+    samples = folder / "samples.npz"
+    if not samples.is_file():
+        raise common.UserError(f"{folder}: no samples.npz; a finished image run writes it at the end")
+    try:
+        with np.load(samples, allow_pickle=False) as archive:
+            images = archive["images"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise common.UserError(f"{samples}: not a readable samples file with an 'images' array ({e}); "
+                               f"rerun the model to write it again")
+    channels = 3 if dataset in ("stacked-mnist", "cifar10") else 1
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != channels or \
+            images.shape[2] != images.shape[3]:
+        raise common.UserError(f"{samples}: images are {images.dtype} {tuple(images.shape)}; expected uint8 "
+                               f"N x {channels} x H x H for {dataset}")
+    record.images = torch.from_numpy(images)
+    return record
+
+
+def to_size(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bring images to the classifier's size: a 28 px dataset loaded at 32 px was padded with black by
+    common.resize_images, so its border is cropped off again (no blur); any other size is an antialiased resize."""
+    h = images.shape[-1]
+    if h == size:
+        return images
+    if size < h <= size + 4:
+        before = (h - size) // 2
+        return images[..., before:before + size, before:before + size]
+    return torch.cat([F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True)
+                      .round_().clamp_(0, 255).to(torch.uint8) for chunk in images.split(4096)])
+
+
+def likelihood_columns(final: dict) -> dict:
+    """A run's own likelihood, labelled with its setting; vae.py's Bernoulli NLL and flow.py's bits/dim never share
+    a column."""
+    columns = {}
+    if "eval/bits_per_binary_pixel" in final and "eval/nll" in final:
+        columns["nll_binarised_nats"] = final["eval/nll"]
+    elif "eval/bpd" in final:
+        columns["bits_per_dim_8bit"] = final["eval/bpd"]
+    return columns
+
+
+class ImageScorer:
+    """Scores image sets against the test split of one dataset; the test features and radii are computed once."""
+
+    def __init__(self, dataset: str, args: Args, device, log=print, network: typing.Optional[FeatureNetwork] = None):
+        self.dataset, self.args, self.device = dataset, args, device
+        self.network = network or load_feature_network(dataset, args.data_dir, device, log=log)
+        test = common.load_image_dataset(dataset, args.data_dir, NATIVE_SIZE[dataset], "test")
+        self.test_features, self.test_classes = self.network.features_and_classes(test.images, device)
+        self.test_labels = test.labels
+        self.radii = {k: kth_neighbour_distances(self.test_features, k) for k in {args.k_precision, args.k_density}}
+
+    def score(self, images: torch.Tensor) -> dict:
+        args = self.args
+        if len(images) < args.samples:
+            raise common.UserError(f"{len(images)} samples, and evaluate.py scores {args.samples}: write more with "
+                                   f"the model's --num-samples, or lower --samples")
+        features, classes = self.network.features_and_classes(to_size(images[:args.samples],
+                                                                       NATIVE_SIZE[self.dataset]), self.device)
+        kid, kid_std = kernel_inception_distance(features, self.test_features, args.kid_subsets,
+                                                 args.kid_subset_size, args.seed)
+        manifold = manifold_metrics(self.test_features, features, args.k_precision, args.k_density, self.radii)
+        covered = manifold.pop("recall_mask")
+        names = CLASS_NAMES[self.dataset]
+        per_class = {name: covered[self.test_labels == c].double().mean().item() for c, name in enumerate(names)}
+        return {"fd": frechet_distance(features, self.test_features), "kid": kid, "kid_std": kid_std, **manifold,
+                "class_kl": histogram_kl(classes, self.test_classes, len(names)), "recall_per_class": per_class}
+
+
+def reference_images(dataset: str, args: Args, count: int) -> dict:
+    """The two rows every table carries: `count` training images (the floor) and uniform noise (the ceiling)."""
+    train = common.load_image_dataset(dataset, args.data_dir, 28 if dataset == "stacked-mnist" else
+                                      NATIVE_SIZE[dataset], "train")
+    draws = torch.Generator().manual_seed(args.seed)
+    picks = torch.randperm(len(train.images), generator=draws)[:count]
+    noise = torch.randint(0, 256, (count,) + tuple(train.images.shape[1:]), generator=draws, dtype=torch.uint8)
+    return {"training images (floor)": train.images[picks], "uniform noise (ceiling)": noise}
+
+
+def score_stacked(network: FeatureNetwork, images: torch.Tensor, args: Args, device) -> dict:
+    if len(images) < args.stacked_samples:
+        raise common.UserError(f"{len(images)} samples, and Stacked MNIST is scored on {args.stacked_samples}: "
+                               f"run the model with --num-samples {args.stacked_samples}, or lower --stacked-samples")
+    images = to_size(images[:args.stacked_samples], NATIVE_SIZE["mnist"])
+    digits = torch.stack([network.features_and_classes(images[:, c:c + 1], device)[1] for c in range(3)], dim=1)
+    modes, kl = stacked_modes(digits)
+    return {"modes": modes, "kl_uniform": kl}
+
+
+def image_table(rows: list, dataset: str) -> str:
+    likelihood = any("nll_binarised_nats" in r for r in rows), any("bits_per_dim_8bit" in r for r in rows)
+    header = ["run", "model", "FD", "KID x 1e3", "precision", "recall", "density", "coverage", "class KL",
+              "worst class (recall)"]
+    header += ["NLL, nats / binarised image"] * likelihood[0] + ["bits/dim, 8-bit pixels"] * likelihood[1]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        worst = min(r["recall_per_class"].items(), key=lambda item: item[1])
+        cells = [r["run"], r["model"], f"{r['fd']:.2f}", f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f}",
+                 f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['density']:.3f}", f"{r['coverage']:.3f}",
+                 f"{r['class_kl']:.4f}", f"{worst[0]} ({worst[1]:.3f})"]
+        cells += [f"{r['nll_binarised_nats']:.2f}" if "nll_binarised_nats" in r else ""] * likelihood[0]
+        cells += [f"{r['bits_per_dim_8bit']:.3f}" if "bits_per_dim_8bit" in r else ""] * likelihood[1]
+        lines.append("| " + " | ".join(cells) + " |")
+    names = CLASS_NAMES[dataset]
+    lines += ["", "Recall per class (share of each class's test images inside the samples' manifold):", "",
+              "| run | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    lines += ["| " + r["run"] + " | " + " | ".join(f"{r['recall_per_class'][n]:.2f}" for n in names) + " |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def stacked_table(rows: list) -> str:
+    lines = ["| run | model | modes (of 1,000) | KL(samples ‖ uniform), nats |", "|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['model']} | {r['modes']:g} | {r['kl_uniform']:.3f} |" for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tricks, measured: dcgan.py's defaults against each trick alone, on one budget, over seeds
+# ---------------------------------------------------------------------------------------------------------------
+
+WGAN_GP = ["--loss", "wgan-gp", "--d-steps", "5", "--lr-g", "1e-4", "--lr-d", "1e-4", "--beta1", "0",
+           "--beta2", "0.9"]  # Gulrajani et al. Alg. 1
+BIGGAN = ["--loss", "hinge", "--spectral-norm", "--spectral-norm-g", "--lr-g", "5e-5", "--lr-d", "2e-4",
+          "--d-steps", "2", "--beta1", "0", "--ema-decay", "0.999", "--ortho-reg", "1e-4", "--z-dist", "normal"]
+# Each trick alone on top of dcgan.py's defaults, at the setting its source gives (dcgan.py's Args cite them). The
+# BigGAN recipe is the README's without --conditional: on Stacked MNIST the labels are the 1,000 modes themselves,
+# so a class-conditional G would be told which mode to draw.
+TRICKS = {
+    "defaults (DCGAN)": [],
+    "label smoothing 0.1": ["--label-smoothing", "0.1"],
+    "instance noise 0.1": ["--instance-noise", "0.1"],
+    "spectral norm": ["--spectral-norm"],
+    "hinge + spectral norm": ["--loss", "hinge", "--spectral-norm"],
+    "EMA of G, 0.999": ["--ema-decay", "0.999"],
+    "R1, gamma 10": ["--r1", "10"],
+    "WGAN-GP, its paper's setting": WGAN_GP,
+    "replay buffer, 1000": ["--replay-size", "1000"],
+    "2 D steps": ["--d-steps", "2"],
+    "packing, m = 2 (PacGAN)": ["--pack", "2"],
+    "BigGAN recipe, unconditional": BIGGAN,
+}
+# cpu: one epoch (468 G steps of 128 images on either dataset) with networks of half the width (32 channels where
+# DCGAN has 64), about 4x fewer operations per step: 36 runs in hours on 2 CPU cores. full: dcgan.py's defaults.
+TRICK_BUDGETS = {"cpu": ["--epochs", "1", "--g-width", "32", "--d-width", "32"], "full": []}
+
+
+def finished(folder: Path) -> bool:
+    metrics = folder / "metrics.jsonl"
+    return (folder / "samples.npz").is_file() and metrics.is_file() and \
+        any(row.get("final") for row in read_json_lines(metrics))
+
+
+def train_tricks(args: Args) -> list:
+    """Train every (trick, seed) run of the table that has not finished, --jobs at a time, each as its own
+    `python dcgan.py` (a run interrupted earlier resumes from its checkpoint). Returns (trick, seed, folder)."""
+    root = Path(args.out) / "runs"
+    count = args.stacked_samples if args.tricks == "stacked-mnist" else args.samples
+    plan = [(name, seed, root / f"{args.tricks}-{slug(name)}-seed{seed}") for name in TRICKS
+            for seed in range(args.seeds)]
+    pending = [entry for entry in plan if not finished(entry[2])]
+    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if args.jobs > 1 else {})}
+    running = []
+    print(f"tricks on {args.tricks}: {len(plan) - len(pending)} of {len(plan)} runs done; training {len(pending)}")
+
+    def launch(name, seed, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, str(Path(__file__).with_name("dcgan.py"))]
+        if (folder / "checkpoint.pt").is_file():
+            command += ["--resume", str(folder)]
+        else:
+            command += ["--dataset", args.tricks, *TRICK_BUDGETS[args.budget], *TRICKS[name], "--seed", str(seed),
+                        "--out", str(folder), "--num-samples", str(count), "--sample-every", "0",
+                        "--data-dir", args.data_dir, "--device", args.device]
+        log = open(folder.with_suffix(".log"), "a")
+        running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), folder, log,
+                        time.perf_counter()))
+
+    def reap(block: bool):
+        for entry in list(running):
+            process, folder, log, started = entry
+            if block or process.poll() is not None:
+                code = process.wait()
+                log.close()
+                running.remove(entry)
+                if code != 0:
+                    raise common.UserError(f"dcgan.py exited with status {code} for {folder}; see "
+                                           f"{folder.with_suffix('.log')}, then run the same command again")
+                print(f"  {folder.name}: {time.perf_counter() - started:.0f} s")
+                return
+
+    try:
+        for entry in pending:
+            while len(running) >= args.jobs:
+                reap(block=False)
+                time.sleep(1)
+            launch(*entry)
+        while running:
+            reap(block=True)
+    except BaseException:
+        for process, *_ in running:
+            process.terminate()  # dcgan.py saves a checkpoint on SIGTERM, and the next call resumes from it
+        for process, *_ in running:
+            process.wait()
+        raise
+    return plan
+
+
+def slug(name: str) -> str:
+    return re.sub("[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def mean_and_spread(values: list) -> str:
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:.4g}"
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.4g} ± {spread:.2g}"
+
+
+def tricks_table(args: Args, device) -> None:
+    plan = train_tricks(args)
+    stacked = args.tricks == "stacked-mnist"
+    network = load_feature_network(CLASSIFIER_DATASET[args.tricks], args.data_dir, device)
+    scorer = None if stacked else ImageScorer(args.tricks, args, device, network=network)
+    scores = {}
+    for name, seed, folder in plan:
+        images = read_run(folder).images
+        scores.setdefault(name, []).append(score_stacked(network, images, args, device) if stacked else
+                                           {k: v for k, v in scorer.score(images).items()
+                                            if k in ("fd", "recall", "coverage", "precision")})
+    keys = ["modes", "kl_uniform"] if stacked else ["fd", "precision", "recall", "coverage"]
+    labels = {"modes": "modes (of 1,000)", "kl_uniform": "KL(samples ‖ uniform), nats", "fd": "FD",
+              "precision": "precision", "recall": "recall", "coverage": "coverage"}
+    lines = ["| trick | dcgan.py flags | " + " | ".join(labels[k] for k in keys) + " | per seed |",
+             "|" + "---|" * (len(keys) + 3)]
+    for name, rows in scores.items():
+        per_seed = "; ".join(", ".join(f"{r[k]:.4g}" for k in keys) for r in rows)
+        lines.append(f"| {name} | `{' '.join(TRICKS[name]) or '(none)'}` | " +
+                     " | ".join(mean_and_spread([r[k] for r in rows]) for k in keys) + f" | {per_seed} |")
+    budget = " ".join(TRICK_BUDGETS[args.budget]) or "dcgan.py's default 5 epochs"
+    setting = (f"dcgan.py on {args.tricks}, budget `{budget}`, seeds 0-{args.seeds - 1}; mean ± standard deviation "
+               f"over seeds. " + (f"{args.stacked_samples:,} samples per run, each channel read by the MNIST "
+                                  f"classifier (test accuracy {network.accuracy:.2%})." if stacked else
+                                  f"{args.samples:,} samples per run against the test split, in this project's "
+                                  f"{args.tricks} feature space (classifier test accuracy {network.accuracy:.2%})."))
+    text = f"# The tricks, measured\n\n{setting}\n\n" + "\n".join(lines) + "\n"
+    out = Path(args.out)
+    common.atomic_write_bytes(out / "tricks.md", text.encode())
+    common.atomic_write_bytes(out / "tricks.json", json.dumps({"setting": setting, "scores": scores,
+                                                               "flags": TRICKS}, indent=2).encode())
+    print(text)
+    print(f"wrote {out / 'tricks.md'}, tricks.json")
+
+
+def main(args: Args) -> None:
+    device = common.pick_device(args.device)
+    if args.tricks:
+        return tricks_table(args, device)
+    records = [read_run(folder) for folder in args.runs]
+    datasets = sorted({r.dataset for r in records})
+    if len(datasets) > 1:
+        raise common.UserError(f"the runs are on different datasets ({', '.join(datasets)}); one table compares one "
+                               f"dataset: call evaluate.py once per dataset")
+    dataset = datasets[0] if datasets else "fashion-mnist"
+    if args.benchmark:
+        return benchmark(records, dataset, args, device)
+    stacked = dataset == "stacked-mnist"
+    network = load_feature_network(CLASSIFIER_DATASET[dataset], args.data_dir, device)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise common.UserError(f"cannot create {out} ({e.strerror}); choose another --out")
+    count = args.stacked_samples if stacked else args.samples
+    subjects = [(r.name, r.model, r.command, r.images, likelihood_columns(r.final)) for r in records]
+    subjects += [(name, "reference", "", images, {}) for name, images in reference_images(dataset, args,
+                                                                                          count).items()]
+    if stacked:
+        rows = [{"run": name, "model": model, "command": command, **score_stacked(network, images, args, device)}
+                for name, model, command, images, _ in subjects]
+        modes, kl = perfect_stacked_reference(count, args.seed)
+        rows.append({"run": f"a perfect generator, {count:,} samples (mean of {PERFECT_DRAWS} draws)",
+                     "model": "reference", "command": "", "modes": modes, "kl_uniform": kl})
+        table = stacked_table(rows)
+        setting = (f"Stacked MNIST, {count:,} samples per row; each channel read by the MNIST classifier (test "
+                   f"accuracy {network.accuracy:.2%}).")
+    else:
+        scorer = ImageScorer(dataset, args, device, network=network)
+        rows = [{"run": name, "model": model, "command": command, **scorer.score(images), **likelihood}
+                for name, model, command, images, likelihood in subjects]
+        table = image_table(rows, dataset)
+        setting = (f"{dataset}: {args.samples:,} samples per row against the {len(scorer.test_features):,} test "
+                   f"images, in the penultimate features of this project's {dataset} classifier (test accuracy "
+                   f"{network.accuracy:.2%}); in this project's feature space, not comparable with Inception-FID "
+                   f"tables. KID over {args.kid_subsets} subsets of {args.kid_subset_size}; precision / recall "
+                   f"k = {args.k_precision}, density / coverage k = {args.k_density}.")
+        series = {r["run"]: [(r["recall"], r["precision"])] for r in rows}
+        common.plot_series(series, out / "comparison.png", f"{dataset}: precision against recall",
+                           x_label="recall", y_label="precision")
+    text = f"# evaluate.py\n\n{setting}\n\n{table}\n"
+    common.atomic_write_bytes(out / "comparison.md", text.encode())
+    summary = {"dataset": dataset, "setting": setting, "classifier": {
+        "dataset": network.dataset, "test_accuracy": network.accuracy,
+        "cache": str(network.path) if network.path else None}, "rows": rows}
+    common.atomic_write_bytes(out / "comparison.json", json.dumps(summary, indent=2).encode())
+    print(setting + "\n\n" + table)
+    print(f"wrote {out / 'comparison.md'}, comparison.json" + ("" if stacked else ", comparison.png"))
+
+
+def benchmark(records: list, dataset: str, args: Args, device) -> None:
+    """The first evaluation's extra cost (training the classifier, nothing cached) and the time of scoring one run
+    with the classifier cached, measured here rather than in a test."""
+    name = CLASSIFIER_DATASET[dataset]
+    started = time.perf_counter()
+    network = load_feature_network(name, args.data_dir, device, use_cache=False)
+    print(f"benchmark: training the {name} classifier and its test accuracy: {time.perf_counter() - started:.1f} s")
+    images = records[0].images if records else reference_images(dataset, args, args.samples)["uniform noise (ceiling)"]
+    started = time.perf_counter()
+    if dataset == "stacked-mnist":
+        score_stacked(network, images, args, device)
+    else:
+        ImageScorer(dataset, args, device, network=network).score(images)
+    print(f"benchmark: scoring {records[0].name if records else 'uniform noise'} ({dataset}, classifier in memory, "
+          f"test features included): {time.perf_counter() - started:.1f} s on {device}, "
+          f"{torch.get_num_threads()} threads")
+
+
+if __name__ == "__main__":
+    common.run_cli(main, Args)

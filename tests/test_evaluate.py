@@ -1,0 +1,349 @@
+"""evaluate.py: each metric against an independent reference (closed forms, hand-worked point sets, brute force),
+the classifier cache, reading runs and their errors, and a whole comparison of a real dcgan.py run."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import dcgan
+import evaluate
+from conftest import ONE_THREAD, ROOT, run_cli
+
+TINY_RECIPE = dict(widths=(8, 16), features=32, epochs=3, batch_size=32, lr=5e-3, seed=0, train_images=0)
+SMALL = dict(samples=100, stacked_samples=100, kid_subsets=5, kid_subset_size=50)
+
+
+@pytest.fixture()
+def tiny_recipe(monkeypatch):
+    monkeypatch.setattr(evaluate, "CLASSIFIER_RECIPE", TINY_RECIPE)
+
+
+# ---- Fréchet distance -----------------------------------------------------------------------------------------
+
+def test_frechet_distance_of_a_set_with_itself_is_zero():
+    x = torch.randn(500, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) @ \
+        torch.randn(6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert abs(evaluate.frechet_distance(x, x)) < 1e-8
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_covariances():
+    # The columns of a Hadamard matrix (all but the constant one) have mean 0 and are orthogonal, so these sets have
+    # exactly diagonal sample covariances, where FD = ||mu_x - mu_y||^2 + sum_i (sigma_x,i - sigma_y,i)^2.
+    h = torch.tensor([[1.0]], dtype=torch.float64)
+    for _ in range(4):
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])  # 16 x 16
+    design = h[:, 1:4]
+    x = torch.tensor([1.0, -2.0, 0.5]) + design * torch.tensor([1.0, 2.0, 3.0])
+    y = torch.tensor([0.0, 1.0, 0.5]) + design * torch.tensor([2.0, 0.5, 3.0])
+    var = 16 / 15  # each column is +-1: sum of squares 16, divided by n - 1
+    expected = (1 + 9 + 0) + var * ((1 - 2) ** 2 + (2 - 0.5) ** 2 + 0)
+    assert evaluate.frechet_distance(x.double(), y.double()) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_matches_the_eigenvalues_of_the_covariance_product():
+    # tr((S_x S_y)^(1/2)) from the eigenvalues of the non-symmetric product, another route than the code's.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 5, generator=gen, dtype=torch.float64) @ torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(300, 5, generator=gen, dtype=torch.float64) @ torch.randn(5, 5, generator=gen,
+                                                                              dtype=torch.float64) + 1
+    s_x, s_y = np.cov(x.numpy().T), np.cov(y.numpy().T)
+    root_trace = np.sqrt(np.linalg.eigvals(s_x @ s_y).real.clip(min=0)).sum()
+    expected = ((x.mean(0) - y.mean(0)) ** 2).sum().item() + np.trace(s_x) + np.trace(s_y) - 2 * root_trace
+    assert evaluate.frechet_distance(x, y) == pytest.approx(expected, rel=1e-8)
+
+
+# ---- KID ------------------------------------------------------------------------------------------------------
+
+def brute_force_mmd(a: np.ndarray, b: np.ndarray) -> float:
+    """Unbiased MMD^2 with the cubic polynomial kernel, pair by pair."""
+    d = a.shape[1]
+    k = lambda u, v: (u @ v / d + 1) ** 3  # noqa: E731
+    m = len(a)
+    xx = sum(k(a[i], a[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(b[i], b[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(a[i], b[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_of_one_subset_equals_the_brute_force_sum():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 3, generator=gen, dtype=torch.float64), torch.randn(12, 3, generator=gen,
+                                                                                dtype=torch.float64) + 0.5
+    kid, spread = evaluate.kernel_inception_distance(x, y, subsets=1, subset_size=12, seed=0)
+    assert kid == pytest.approx(brute_force_mmd(x.numpy(), y.numpy()), rel=1e-10) and spread == 0.0
+
+
+def test_kid_is_unbiased_for_two_samples_of_one_distribution():
+    # E[unbiased MMD^2] = 0 when both sides come from one distribution; with the diagonal kept (the biased form) the
+    # mean would sit clearly above 0 at this small subset size.
+    gen = torch.Generator().manual_seed(1)
+    values = [evaluate.kernel_inception_distance(torch.randn(20, 4, generator=gen, dtype=torch.float64),
+                                                 torch.randn(20, 4, generator=gen, dtype=torch.float64),
+                                                 subsets=1, subset_size=20, seed=i)[0] for i in range(400)]
+    values = torch.tensor(values)
+    assert abs(values.mean()) < 4 * values.std() / math.sqrt(len(values))
+    shifted = evaluate.kernel_inception_distance(torch.randn(200, 4, generator=gen, dtype=torch.float64),
+                                                 torch.randn(200, 4, generator=gen, dtype=torch.float64) + 1,
+                                                 subsets=10, subset_size=100, seed=0)
+    assert shifted[0] > 10 * values.std()
+
+
+# ---- precision, recall, density, coverage ---------------------------------------------------------------------
+
+def test_manifold_metrics_on_a_hand_worked_line():
+    # Real points 0, 1, ..., 9 on a line, k = 1: every real ball has radius 1. Samples at 0.5, 4.2 and 20.
+    real = torch.arange(10, dtype=torch.float64)[:, None]
+    fake = torch.tensor([[0.5], [4.2], [20.0]], dtype=torch.float64)
+    m = evaluate.manifold_metrics(real, fake, k_precision=1, k_density=1)
+    assert m["precision"] == pytest.approx(2 / 3)  # 0.5 and 4.2 lie in a real ball, 20 in none
+    # The samples' radii are 3.7, 3.7 and 15.8 (their nearest other sample): their balls cover [-3.2, 4.2],
+    # [0.5, 7.9] and [4.2, 35.8], so every real point; the outlier at 20 inflates recall (why coverage exists).
+    assert m["recall"] == pytest.approx(1.0)
+    assert m["density"] == pytest.approx((2 + 2 + 0) / 3)  # 0.5 in the balls of 0 and 1; 4.2 in those of 4 and 5
+    assert m["coverage"] == pytest.approx(4 / 10)  # 0, 1 (nearest sample 0.5), 4, 5 (4.2) hold a sample in their ball
+    assert m["recall_mask"].tolist() == [True] * 10
+
+
+def brute_force_prdc(real: np.ndarray, fake: np.ndarray, k_pr: int, k_dc: int) -> dict:
+    def radii(points, k):
+        d = np.linalg.norm(points[:, None] - points[None], axis=2)
+        return np.array([np.sort(np.delete(row, i))[k - 1] for i, row in enumerate(d)])
+
+    d = np.linalg.norm(fake[:, None] - real[None], axis=2)  # samples x real
+    r_real, r_dc, r_fake = radii(real, k_pr), radii(real, k_dc), radii(fake, k_pr)
+    precision = np.mean([any(d[j, i] <= r_real[i] for i in range(len(real))) for j in range(len(fake))])
+    recall = np.mean([any(d[j, i] <= r_fake[j] for j in range(len(fake))) for i in range(len(real))])
+    density = sum(d[j, i] <= r_dc[i] for j in range(len(fake)) for i in range(len(real))) / (k_dc * len(fake))
+    coverage = np.mean([d[:, i].min() <= r_dc[i] for i in range(len(real))])
+    return dict(precision=precision, recall=recall, density=density, coverage=coverage)
+
+
+def test_manifold_metrics_match_a_brute_force_count():
+    gen = np.random.default_rng(0)
+    real, fake = gen.normal(size=(60, 3)), gen.normal(size=(45, 3)) * 1.3 + 0.4
+    m = evaluate.manifold_metrics(torch.from_numpy(real), torch.from_numpy(fake), 3, 5, chunk=16)
+    for key, value in brute_force_prdc(real, fake, 3, 5).items():
+        assert m[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_kth_neighbour_distances_skip_the_point_itself_but_not_its_duplicates():
+    x = torch.tensor([[0.0], [0.0], [3.0]], dtype=torch.float64)
+    assert evaluate.kth_neighbour_distances(x, 1).tolist() == [0.0, 0.0, 3.0]
+    assert evaluate.kth_neighbour_distances(x, 2).tolist() == [3.0, 3.0, 3.0]
+
+
+# ---- class histograms and Stacked MNIST -----------------------------------------------------------------------
+
+def test_histogram_kl_by_hand():
+    p = torch.tensor([0, 0, 0, 1])  # p = (3/4, 1/4, 0)
+    q = torch.tensor([0, 1, 2, 2])  # q = (1/4, 1/4, 1/2)
+    assert evaluate.histogram_kl(p, q, 3) == pytest.approx(0.75 * math.log(3) + 0.25 * math.log(1))
+    assert evaluate.histogram_kl(q, q, 3) == 0.0
+    assert evaluate.histogram_kl(q, p, 3) == math.inf  # q has class 2, p never does
+
+
+def test_stacked_modes_on_constructed_stacks():
+    every_mode = torch.tensor([[a, b, c] for a in range(10) for b in range(10) for c in range(10)])
+    assert evaluate.stacked_modes(every_mode) == (1000, pytest.approx(0.0, abs=1e-12))
+    one_mode = torch.tensor([[1, 2, 3]] * 50)
+    assert evaluate.stacked_modes(one_mode) == (1, pytest.approx(math.log(1000)))
+    two_modes = torch.tensor([[1, 2, 3]] * 30 + [[3, 2, 1]] * 10)  # p = (3/4, 1/4) on two of 1,000 modes
+    assert evaluate.stacked_modes(two_modes) == (2, pytest.approx(0.75 * math.log(750) + 0.25 * math.log(250)))
+    swapped = torch.tensor([[3, 2, 1]] * 30 + [[1, 2, 3]] * 10)  # channel order matters: 321 and 123 differ
+    assert evaluate.stacked_modes(torch.cat([two_modes, swapped]))[0] == 2
+
+
+def test_perfect_generator_reference_matches_the_multinomial_expectation():
+    # For N uniform draws over K modes, E[modes] = K (1 - (1 - 1/K)^N), and E[KL] ~ (K - 1) / (2N) for large N.
+    modes, kl = evaluate.perfect_stacked_reference(26_000, seed=0, draws=20)
+    assert modes == pytest.approx(1000 * (1 - (1 - 1 / 1000) ** 26_000), abs=0.3)
+    assert kl == pytest.approx(999 / (2 * 26_000), rel=0.05)
+
+
+# ---- sizes, likelihood columns --------------------------------------------------------------------------------
+
+def test_to_size_undoes_the_32px_padding_exactly():
+    images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    padded = common.resize_images(images, 32)
+    assert torch.equal(evaluate.to_size(padded, 28), images)
+    assert evaluate.to_size(torch.zeros(2, 1, 64, 64, dtype=torch.uint8), 28).shape == (2, 1, 28, 28)
+
+
+def test_likelihoods_keep_their_settings_apart():
+    assert evaluate.likelihood_columns({"eval/nll": 92.3, "eval/bits_per_binary_pixel": 0.17}) == \
+        {"nll_binarised_nats": 92.3}
+    assert evaluate.likelihood_columns({"eval/nll": 1800.0, "eval/bpd": 3.79}) == {"bits_per_dim_8bit": 3.79}
+    assert evaluate.likelihood_columns({"eval/mse_test": 0.002}) == {}
+
+
+# ---- the classifier cache -------------------------------------------------------------------------------------
+
+def test_classifier_is_cached_and_retrained_when_its_recipe_changes(tiny_data_dir, tmp_path, one_thread):
+    data = tmp_path / "data"
+    (data / "mnist").mkdir(parents=True)
+    for f in (tiny_data_dir / "mnist").iterdir():
+        (data / "mnist" / f.name).symlink_to(f)
+    cpu = torch.device("cpu")
+    first = evaluate.load_feature_network("mnist", data, cpu, TINY_RECIPE, log=lambda *_: None)
+    assert first.seconds > 0 and first.path.is_file() and first.accuracy > 0.9  # tiny digits are easy
+    again = evaluate.load_feature_network("mnist", data, cpu, TINY_RECIPE, log=lambda *_: None)
+    assert again.seconds == 0 and again.path == first.path and again.accuracy == first.accuracy
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(value, again.model.state_dict()[name]), name
+    changed = evaluate.load_feature_network("mnist", data, cpu, {**TINY_RECIPE, "epochs": 1}, log=lambda *_: None)
+    assert changed.seconds > 0 and changed.path != first.path
+    first.path.write_bytes(b"not a checkpoint")
+    with pytest.raises(common.UserError, match="delete it"):
+        evaluate.load_feature_network("mnist", data, cpu, TINY_RECIPE, log=lambda *_: None)
+
+
+def test_same_recipe_trains_the_same_network(tiny_data_dir, one_thread):
+    train = common.load_image_dataset("mnist", tiny_data_dir, 28, "train")
+    a = evaluate.train_classifier(train, TINY_RECIPE, torch.device("cpu"))
+    state = torch.random.get_rng_state()
+    b = evaluate.train_classifier(train, TINY_RECIPE, torch.device("cpu"))
+    assert torch.equal(state, torch.random.get_rng_state())  # its own generators: the global RNG is untouched
+    for name, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[name]), name
+
+
+def test_recipe_key_changes_with_the_recipe_and_the_dataset():
+    key = evaluate.recipe_key("mnist", TINY_RECIPE)
+    assert key == evaluate.recipe_key("mnist", dict(TINY_RECIPE))
+    assert key != evaluate.recipe_key("fashion-mnist", TINY_RECIPE)
+    assert key != evaluate.recipe_key("mnist", {**TINY_RECIPE, "lr": 1e-3})
+
+
+# ---- runs and their errors ------------------------------------------------------------------------------------
+
+def fake_run(folder, dataset="mnist", images=None, model="dcgan", final=None):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model": model, "args": {"dataset": dataset},
+                                                    "command": f"{model}.py"}))
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss/d": 1.0}) + "\n" +
+                                          json.dumps({"step": 1, "final": True, **(final or {})}) + "\n")
+    if images is not None:
+        np.savez(folder / "samples.npz", images=images)
+    return folder
+
+
+def test_bad_run_folders_give_one_line_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    good = np.zeros((10, 1, 28, 28), np.uint8)
+    cases = {
+        "empty": ("not a run folder", []),
+        "floats": ("expected uint8", [fake_run(tmp_path / "floats", images=good.astype(np.float32))]),
+        "colour": ("expected uint8 N x 1", [fake_run(tmp_path / "colour", images=np.zeros((4, 3, 28, 28), np.uint8))]),
+        "nosamples": ("no samples.npz", [fake_run(tmp_path / "nosamples")]),
+        "text": ("has no classifier", [fake_run(tmp_path / "text", dataset="coco")]),
+        "mixed": ("different datasets", [fake_run(tmp_path / "a", images=good),
+                                         fake_run(tmp_path / "b", dataset="fashion-mnist", images=good)]),
+    }
+    for name, (message, folders) in cases.items():
+        runs = [str(f) for f in folders] or [str(tmp_path / name)]
+        code, err = run_cli(evaluate.main, evaluate.Args, runs + ["--out", str(tmp_path / "cmp")], capsys)
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (name, err)
+    (tmp_path / "corrupt").mkdir()
+    fake_run(tmp_path / "corrupt" / "run")
+    (tmp_path / "corrupt" / "run" / "samples.npz").write_bytes(b"PK\x03\x04 cut short")
+    code, err = run_cli(evaluate.main, evaluate.Args, [str(tmp_path / "corrupt" / "run")], capsys)
+    assert code == 1 and "not a readable samples file" in err
+    code, err = run_cli(evaluate.main, evaluate.Args, [], capsys)
+    assert code == 2 and "give one or more run folders" in err
+
+
+def test_too_few_samples_say_how_to_get_more(tiny_data_dir, tmp_path, tiny_recipe, one_thread):
+    run = fake_run(tmp_path / "run", images=np.zeros((50, 1, 28, 28), np.uint8))
+    args = evaluate.Args(runs=[str(run)], out=str(tmp_path / "cmp"), data_dir=str(tiny_data_dir), **SMALL)
+    with pytest.raises(common.UserError, match="--num-samples"):
+        evaluate.main(args)
+
+
+def test_a_dcgan_run_is_compared_with_the_reference_rows(tiny_data_dir, tmp_path, tiny_recipe, one_thread):
+    run = tmp_path / "dcgan"
+    dcgan.main(dcgan.Args(dataset="mnist", data_dir=str(tiny_data_dir), out=str(run), image_size=32, batch_size=16,
+                          g_width=8, d_width=8, z_dim=8, num_samples=100, max_steps=2, log_every=1,
+                          sample_every=0))
+    vae_like = fake_run(tmp_path / "vae", images=np.full((100, 1, 28, 28), 60, np.uint8), model="vae",
+                        final={"eval/nll": 99.5, "eval/bits_per_binary_pixel": 0.18})
+    out = tmp_path / "cmp"
+    evaluate.main(evaluate.Args(runs=[str(run), str(vae_like)], out=str(out), data_dir=str(tiny_data_dir),
+                                device="cpu", **SMALL))
+    summary = json.loads((out / "comparison.json").read_text())
+    rows = {r["run"]: r for r in summary["rows"]}
+    assert list(rows) == ["dcgan", "vae", "training images (floor)", "uniform noise (ceiling)"]
+    floor, ceiling = rows["training images (floor)"], rows["uniform noise (ceiling)"]
+    assert floor["fd"] < rows["dcgan"]["fd"] < ceiling["fd"] and floor["fd"] < rows["vae"]["fd"]
+    assert floor["precision"] > ceiling["precision"] and floor["coverage"] > ceiling["coverage"]
+    assert rows["vae"]["nll_binarised_nats"] == 99.5 and "nll_binarised_nats" not in rows["dcgan"]
+    assert set(floor["recall_per_class"]) == set(evaluate.CLASS_NAMES["mnist"])
+    text = (out / "comparison.md").read_text()
+    assert "not comparable with Inception-FID" in text and "NLL, nats / binarised image" in text
+    assert (out / "comparison.png").stat().st_size > 0
+
+
+def test_stacked_mnist_rows_count_modes(tiny_data_dir, tmp_path, tiny_recipe, one_thread):
+    stacked = common.load_image_dataset("stacked-mnist", tiny_data_dir, 28, "test").images
+    copies = fake_run(tmp_path / "copies", dataset="stacked-mnist", images=common.resize_images(stacked[:100], 32)
+                      .numpy())
+    one = fake_run(tmp_path / "one", dataset="stacked-mnist", images=stacked[:1].repeat(100, 1, 1, 1).numpy())
+    out = tmp_path / "cmp"
+    evaluate.main(evaluate.Args(runs=[str(copies), str(one)], out=str(out), data_dir=str(tiny_data_dir),
+                                device="cpu", **SMALL))
+    rows = {r["run"]: r for r in json.loads((out / "comparison.json").read_text())["rows"]}
+    assert rows["one"]["modes"] == 1 and rows["one"]["kl_uniform"] == pytest.approx(math.log(1000))
+    assert rows["copies"]["modes"] > 50  # 100 random stacks, read by a classifier that is right on tiny digits
+    assert "a perfect generator, 100 samples (mean of 100 draws)" in rows
+
+
+def test_command_line_prints_the_table(tiny_data_dir, tmp_path):
+    run = fake_run(tmp_path / "run", images=common.load_image_dataset("mnist", tiny_data_dir, 28, "test")
+                   .images[:100].numpy())
+    result = subprocess.run([sys.executable, "evaluate.py", str(run), "--out", str(tmp_path / "cmp"), "--data-dir",
+                             str(tiny_data_dir), "--samples", "100", "--kid-subsets", "3", "--kid-subset-size", "50"],
+                            cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "| run | model | FD |" in result.stdout and "test accuracy" in result.stdout
+
+
+def test_tricks_table_trains_the_missing_runs_and_aggregates_seeds(tiny_data_dir, tmp_path, tiny_recipe,
+                                                                   monkeypatch):
+    monkeypatch.setattr(evaluate, "TRICKS", {"defaults (DCGAN)": [], "packing, m = 2 (PacGAN)": ["--pack", "2"]})
+    monkeypatch.setattr(evaluate, "TRICK_BUDGETS", {"cpu": ["--image-size", "16", "--batch-size", "16", "--g-width",
+                                                            "8", "--d-width", "8", "--z-dim", "8", "--max-steps", "2",
+                                                            "--log-every", "1"]})
+    out = tmp_path / "tricks"
+    args = evaluate.Args(tricks="stacked-mnist", out=str(out), data_dir=str(tiny_data_dir), device="cpu", seeds=2,
+                         jobs=2, **SMALL)
+    evaluate.main(args)
+    table = (out / "tricks.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| defaults") or line.startswith("| packing")]
+    assert len(rows) == 2 and all(" ± " in row for row in rows) and "`--pack 2`" in rows[1]
+    saved = json.loads((out / "tricks.json").read_text())["scores"]
+    assert [len(v) for v in saved.values()] == [2, 2]
+    modes = [r["modes"] for r in saved["defaults (DCGAN)"]]
+    assert rows[0].split(" | ")[2].startswith(f"{sum(modes) / 2:.4g}")
+    config = json.loads((out / "runs" / "stacked-mnist-packing-m-2-pacgan-seed1" / "config.json").read_text())
+    assert config["args"]["pack"] == 2 and config["args"]["seed"] == 1 and config["args"]["num_samples"] == 100
+    stamp = (out / "runs" / "stacked-mnist-defaults-dcgan-seed0" / "samples.npz").stat().st_mtime_ns
+    evaluate.main(args)  # everything finished: nothing is trained again
+    assert (out / "runs" / "stacked-mnist-defaults-dcgan-seed0" / "samples.npz").stat().st_mtime_ns == stamp
+    monkeypatch.setattr(evaluate, "TRICKS", {"broken": ["--pack", "3"]})
+    with pytest.raises(common.UserError, match="exited with status 2"):
+        evaluate.main(args)
+
+
+def test_recall_per_class_names_the_classes_a_model_misses(tiny_data_dir, tiny_recipe, one_thread):
+    train = common.load_image_dataset("mnist", tiny_data_dir, 28, "train")
+    half = train.images[train.labels < 5][:100]  # a "model" that only ever draws classes 0-4
+    args = evaluate.Args(runs=["unused"], data_dir=str(tiny_data_dir), **SMALL)
+    scores = evaluate.ImageScorer("mnist", args, torch.device("cpu"), log=lambda *_: None).score(half)
+    recall = scores["recall_per_class"]
+    assert min(recall[str(c)] for c in range(5)) > 0.8 and max(recall[str(c)] for c in range(5, 10)) < 0.2
+    assert scores["class_kl"] > 0.5  # about log 2: half the classes carry all the mass
