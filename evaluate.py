@@ -89,6 +89,9 @@ class Args:
     kid_subset_size: int = 1_000  # KID: samples per subset, from each side
     k_precision: int = 3  # precision / recall: the k-th neighbour sets the radius (Kynkäänniemi et al. k = 3)
     k_density: int = 5  # density / coverage: the k of Naeem et al. (k = 5)
+    text_samples: int = 10_000  # text: samples scored per run (the reverse LM trains on all of them)
+    bleu_samples: int = 1_000  # text: samples scored by BLEU-2..5 against the test split (as the model files)
+    self_bleu_samples: int = 500  # text: samples scored by self-BLEU-2..5 (as the model files)
     benchmark: bool = False  # time the classifier's training and the scoring of the first run; no files written
     tricks: str = ""  # stacked-mnist | fashion-mnist: train dcgan.py with each of TRICKS (runs not yet done), score
     budget: typing.Literal["cpu", "full"] = "cpu"  # --tricks: the step budget of each run (TRICK_BUDGETS)
@@ -97,7 +100,9 @@ class Args:
 
     def __post_init__(self):
         common.check_ranges(self, at_least_1=("samples", "stacked_samples", "kid_subsets", "k_precision",
-                                              "k_density", "seeds", "jobs"))
+                                              "k_density", "seeds", "jobs", "text_samples", "bleu_samples"))
+        if self.self_bleu_samples < 2:
+            raise ValueError(f"--self-bleu-samples must be at least 2, got {self.self_bleu_samples}")
         if self.tricks and self.tricks not in ("stacked-mnist", "fashion-mnist"):
             raise ValueError(f"--tricks runs on stacked-mnist or fashion-mnist, got {self.tricks!r}")
         if self.tricks and self.runs:
@@ -344,7 +349,9 @@ class RunRecord:
     dataset: str
     command: str
     final: dict  # the run's final metrics line ({} when it has none)
-    images: typing.Optional[torch.Tensor] = None  # uint8 N x C x H x W
+    args: dict  # the run's flags
+    images: typing.Optional[torch.Tensor] = None  # uint8 N x C x H x W (image runs)
+    lines: typing.Optional[list] = None  # samples.txt (text runs)
 
 
 def read_json_lines(path: Path) -> list:
@@ -369,10 +376,16 @@ def read_run(folder) -> RunRecord:
         raise common.UserError(f"{config_path}: not a model file's config.json ({e})")
     metrics = folder / "metrics.jsonl"
     finals = [row for row in read_json_lines(metrics) if row.get("final")] if metrics.is_file() else []
-    record = RunRecord(folder, folder.name, model, dataset, config.get("command", ""), finals[-1] if finals else {})
+    record = RunRecord(folder, folder.name, model, dataset, config.get("command", ""), finals[-1] if finals else {},
+                       config["args"])
+    if is_text(dataset):
+        if not (folder / "samples.txt").is_file():
+            raise common.UserError(f"{folder}: no samples.txt; a finished text run writes it at the end")
+        record.lines = read_samples(folder / "samples.txt")
+        return record
     if dataset not in CLASSIFIER_DATASET:
         raise common.UserError(f"{folder}: dataset {dataset!r} has no classifier here (images: "
-                               f"{', '.join(CLASSIFIER_DATASET)})")
+                               f"{', '.join(CLASSIFIER_DATASET)}; text: {', '.join(common.TEXT_DATASETS)})")
     samples = folder / "samples.npz"
     if not samples.is_file():
         raise common.UserError(f"{folder}: no samples.npz; a finished image run writes it at the end")
@@ -389,6 +402,19 @@ def read_run(folder) -> RunRecord:
                                f"N x {channels} x H x H for {dataset}")
     record.images = torch.from_numpy(images)
     return record
+
+
+def read_samples(path: Path) -> list:
+    """One sample per line, empty lines included: a sentence that ended at once is a sample too."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise common.UserError(f"{path}: not a readable UTF-8 samples file ({e}); rerun the model to write it again")
+    return text.removesuffix("\n").split("\n") if text else []
+
+
+def is_text(dataset: str) -> bool:
+    return dataset in common.TEXT_DATASETS or dataset.startswith("file:")
 
 
 def to_size(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -489,6 +515,242 @@ def stacked_table(rows: list) -> str:
     lines = ["| run | model | modes (of 1,000) | KL(samples ‖ uniform), nats |", "|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['model']} | {r['modes']:g} | {r['kl_uniform']:.3f} |" for r in rows]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text: the oracle's NLL, BLEU, and the LM and reverse LM scores
+# ---------------------------------------------------------------------------------------------------------------
+
+TEXT_SETTINGS = {"emnlp2017": dict(max_len=52, vocab_size=20_000)}  # ScratchGAN's reader; the others: every word
+# The language models of the LM and reverse LM scores. Like the classifier, the recipe and the source name the
+# cache file of the LM trained on real text.
+LM_RECIPE = dict(embed=64, hidden=256, epochs=5, batch_size=64, lr=2e-3, seed=0, max_sentences=100_000)
+SCORE_ROWS = 512
+
+
+class LanguageModel(nn.Module):
+    """A one-layer LSTM language model: trained on the real training split it judges samples (the LM score);
+    trained on a model's samples it is judged on the real test split (the reverse LM score)."""
+
+    def __init__(self, vocab_size: int, embed: int, hidden: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed)
+        self.lstm = nn.LSTM(embed, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, vocab_size)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.out(self.lstm(self.embedding(inputs))[0])  # (B, T) -> (B, T, V)
+
+
+def token_losses(model: LanguageModel, tokens: torch.Tensor, scored: torch.Tensor, start: int, device):
+    """Summed NLL (nats) of the scored targets of `tokens` (B, T) and their count; inputs are the start token then
+    the tokens, so that position t predicts token t. Trimmed to the batch's last scored position."""
+    length = int(scored.any(0).nonzero().max()) + 1 if scored.any() else 1
+    tokens, scored = tokens[:, :length].to(device), scored[:, :length].to(device)
+    inputs = torch.cat([torch.full_like(tokens[:, :1], start), tokens[:, :-1]], dim=1)
+    nll = F.cross_entropy(model(inputs).flatten(0, 1), tokens.flatten(), reduction="none").view_as(tokens)
+    return (nll * scored).sum(), scored.sum()
+
+
+def train_language_model(tokens: torch.Tensor, scored: torch.Tensor, vocab_size: int, start: int, recipe: dict,
+                         device) -> LanguageModel:
+    """Adam on the mean NLL of the scored tokens, `epochs` passes in shuffled batches; seeded generators only."""
+    tokens, scored = tokens[:recipe["max_sentences"]], scored[:recipe["max_sentences"]]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe["seed"])
+        model = LanguageModel(vocab_size, recipe["embed"], recipe["hidden"]).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe["lr"])
+    order = torch.Generator().manual_seed(recipe["seed"] + 1)
+    model.train()
+    for _ in range(recipe["epochs"]):
+        for batch in torch.randperm(len(tokens), generator=order).split(recipe["batch_size"]):
+            total, count = token_losses(model, tokens[batch], scored[batch], start, device)
+            loss = total / count.clamp(min=1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def mean_token_nll(model: LanguageModel, tokens: torch.Tensor, scored: torch.Tensor, start: int, device) -> float:
+    """Nats per scored token over all of `tokens`."""
+    total, count = 0.0, 0
+    for rows in torch.arange(len(tokens)).split(SCORE_ROWS):
+        t, c = token_losses(model, tokens[rows], scored[rows], start, device)
+        total, count = total + t.item(), count + c.item()
+    return total / max(count, 1)
+
+
+def lm_key(dataset: str, recipe: dict) -> str:
+    code = inspect.getsource(LanguageModel) + inspect.getsource(train_language_model) + \
+        inspect.getsource(token_losses)
+    blob = json.dumps({"dataset": dataset, "settings": TEXT_SETTINGS.get(dataset, {}), "recipe": recipe},
+                      sort_keys=True) + code
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+class TextScorer:
+    """Scores sample files of one text dataset. Real text: BLEU-2..5 against the test split and self-BLEU-2..5 (as
+    the model files compute them), the LM score (nats per token of the samples under an LSTM trained on the real
+    training split: quality) and the reverse LM score (nats per token of the real test split under an LSTM trained
+    on the samples: quality and diversity together; Zhao et al. 2018, Caccia et al. 2020 §3, de Masson d'Autume
+    et al. 2019 §4). Words and EOS are counted, PAD and <unk> are not. The oracle: NLL-oracle of the samples."""
+
+    def __init__(self, dataset: str, args: Args, device, oracle: str = "paper", oracle_seed: int = 0, log=print):
+        self.args, self.device, self.log = args, device, log
+        self.data = common.load_text_dataset(dataset, args.data_dir, oracle=oracle, seed=oracle_seed,
+                                             **TEXT_SETTINGS.get(dataset, {}))
+        self.recipe = LM_RECIPE
+        self.lm = None if self.data.oracle is not None else self.real_text_lm(dataset)
+
+    def real_text_lm(self, dataset: str) -> LanguageModel:
+        data, recipe = self.data, self.recipe
+        path = Path(self.args.data_dir) / "evaluate-cache" / f"lm-{dataset.replace('/', '_').replace(':', '-')}-" \
+                                                             f"{lm_key(dataset, recipe)}.pt"
+        if path.is_file():
+            model = LanguageModel(len(data.vocab), recipe["embed"], recipe["hidden"]).to(self.device)
+            try:
+                model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+            except Exception as e:  # torch raises many types for a damaged or foreign file
+                raise common.UserError(f"{path}: cannot read the cached language model ({type(e).__name__}); "
+                                       f"delete it to train it again")
+            model.eval()
+        else:
+            self.log(f"training the {dataset} language model ({recipe['epochs']} epochs; cached in {path.parent})")
+            started = time.perf_counter()
+            model = train_language_model(data.train, data.scored(data.train), len(data.vocab), data.start_token,
+                                         recipe, self.device)
+            self.log(f"  trained in {time.perf_counter() - started:.0f} s")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                common.atomic_write(path, lambda f: torch.save(model.state_dict(), f))
+            except OSError as e:
+                self.log(f"note: could not cache the language model in {path.parent} ({e.strerror})")
+        self.test_nll = mean_token_nll(model, data.test, data.scored(data.test), data.start_token, self.device)
+        self.log(f"{dataset} language model: {self.test_nll:.3f} nats per token on the test split")
+        return model
+
+    def encode(self, lines: list, where: str) -> tuple:
+        """Sample lines as (token lists, ids): ids for the oracle, words for real text (cut to the longest
+        sentence the dataset holds, unknown words -> <unk>)."""
+        data = self.data
+        if data.oracle is not None:
+            try:
+                ids = torch.tensor([[int(t) for t in line.split()] for line in lines])
+            except (ValueError, RuntimeError):
+                raise common.UserError(f"{where}: not lines of {data.seq_len} token ids, as the oracle's samples are")
+            if ids.ndim != 2 or ids.shape[1] != data.seq_len or ids.min() < 0 or ids.max() >= len(data.vocab):
+                raise common.UserError(f"{where}: oracle samples must be {data.seq_len} ids in "
+                                       f"0..{len(data.vocab) - 1} per line")
+            return [line.split() for line in lines], ids
+        sentences = [common.tokenize_line(line)[:data.seq_len - 1] for line in lines]
+        return sentences, common.encode_sentences(sentences, data.vocab, data.seq_len)
+
+    def score(self, lines: list, where: str) -> dict:
+        args, data = self.args, self.data
+        if len(lines) < args.text_samples:
+            raise common.UserError(f"{where}: {len(lines)} samples, and evaluate.py scores {args.text_samples}: "
+                                   f"write more with the model's --num-samples, or lower --text-samples")
+        sentences, ids = self.encode(lines[:args.text_samples], where)
+        if data.oracle is not None:
+            return {"nll_oracle": data.oracle.nll(ids.to(data.oracle.device)).mean().item()}
+        metrics = common.text_sample_metrics(sentences, data, args.bleu_samples, args.self_bleu_samples)
+        scores = {k.removeprefix("eval/"): v for k, v in metrics.items() if "bleu" in k and k.startswith("eval/")
+                  and not k.endswith(("hypotheses", "references", "samples"))}
+        scored = data.scored(ids)
+        scores["lm_score"] = mean_token_nll(self.lm, ids, scored, data.start_token, self.device)
+        reverse = train_language_model(ids, scored, len(data.vocab), data.start_token, self.recipe, self.device)
+        scores["reverse_lm_score"] = mean_token_nll(reverse, data.test, data.scored(data.test), data.start_token,
+                                                    self.device)
+        scores["mean_length"] = metrics["eval/mean_length"]
+        return scores
+
+    def references(self, count: int) -> dict:
+        """Training sequences (the floor) and uniform random tokens (the ceiling), as sample lines."""
+        data = self.data
+        draws = torch.Generator().manual_seed(self.args.seed)
+        picks = torch.randperm(len(data.train), generator=draws)[:count]
+        floor = common.sample_lines(data, data.train[picks])
+        if data.oracle is not None:
+            noise = torch.randint(0, len(data.vocab), (count, data.seq_len), generator=draws)
+            return {"training sequences (floor)": floor, "uniform tokens (ceiling)": common.sample_lines(data, noise)}
+        lengths = (data.train[picks] != 0).sum(1) - 1  # words before EOS, as in the training sentences
+        words = torch.randint(4, len(data.vocab), (count, data.seq_len), generator=draws)  # no specials
+        noise = [" ".join(data.vocab.tokens[i] for i in row[:n]) for row, n in zip(words.tolist(), lengths.tolist())]
+        return {"training sentences (floor; the LM's own training data)": floor,
+                "uniform random words (ceiling)": noise}
+
+
+def text_table(rows: list, oracle: bool) -> str:
+    if oracle:
+        lines = ["| run | model | NLL-oracle, nats / token | NLL-test (the run's own), nats / token |",
+                 "|---|---|---|---|"]
+        lines += [f"| {r['run']} | {r['model']} | {r['nll_oracle']:.3f} | "
+                  f"{r['nll_test']:.3f} |" if "nll_test" in r else f"| {r['run']} | {r['model']} | "
+                  f"{r['nll_oracle']:.3f} | |" for r in rows]
+        return "\n".join(lines)
+    header = ["run", "model", "BLEU-2 / 3 / 4 / 5", "self-BLEU-2 / 3 / 4 / 5", "LM score, nats / token",
+              "reverse LM score, nats / token", "mean length", "NLL-test (the run's own), nats / token"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        bleu = " / ".join(f"{r[f'bleu{n}']:.3f}" for n in range(2, 6))
+        self_bleu = " / ".join(f"{r[f'self_bleu{n}']:.3f}" for n in range(2, 6))
+        own = f"{r['nll_test']:.3f}" if "nll_test" in r else ""
+        lines.append(f"| {r['run']} | {r['model']} | {bleu} | {self_bleu} | {r['lm_score']:.3f} | "
+                     f"{r['reverse_lm_score']:.3f} | {r['mean_length']:.1f} | {own} |")
+    return "\n".join(lines)
+
+
+def temperature_files(folder: Path) -> list:
+    """(T, path) of every samples_T<T>.txt a run wrote (scratchgan.py --eval-temperatures), by T."""
+    found = []
+    for path in folder.glob("samples_T*.txt"):
+        try:
+            found.append((float(path.stem[len("samples_T"):]), path))
+        except ValueError:
+            continue
+    return sorted(found)
+
+
+def text_comparison(records: list, dataset: str, args: Args, device, out: Path) -> tuple:
+    oracles = {(r.args.get("oracle", "paper"), r.args.get("seed", 0) if r.args.get("oracle") == "random" else 0)
+               for r in records}
+    if len(oracles) > 1:
+        raise common.UserError("the oracle runs use different oracles (--oracle random with different seeds); "
+                               "compare runs of one oracle per table")
+    oracle, oracle_seed = oracles.pop() if oracles else ("paper", 0)
+    scorer = TextScorer(dataset, args, device, oracle, oracle_seed)
+    is_oracle = scorer.data.oracle is not None
+    rows, curves = [], {}
+    for r in records:
+        own = {"nll_test": r.final["eval/nll_test"]} if "eval/nll_test" in r.final else {}
+        rows.append({"run": r.name, "model": r.model, "command": r.command,
+                     **scorer.score(r.lines, str(r.path / "samples.txt")), **own})
+        for temperature, path in temperature_files(r.path):
+            scores = scorer.score(read_samples(path), str(path))
+            rows.append({"run": f"{r.name} at T = {temperature:g}", "model": r.model, "command": r.command,
+                         "temperature": temperature, **scores})
+            if not is_oracle:
+                curves.setdefault(r.name, []).append((scores["reverse_lm_score"], scores["lm_score"]))
+    for name, lines in scorer.references(args.text_samples).items():
+        rows.append({"run": name, "model": "reference", "command": "", **scorer.score(lines, name)})
+    if not is_oracle:
+        points = {r["run"]: [(r["reverse_lm_score"], r["lm_score"])] for r in rows if "temperature" not in r}
+        common.plot_series({**points, **{f"{k} (T sweep)": v for k, v in curves.items()}}, out / "comparison.png",
+                           f"{dataset}: LM score against reverse LM score (lower is better on both)",
+                           x_label="reverse LM score, nats / token", y_label="LM score, nats / token")
+    table = text_table(rows, is_oracle)
+    if is_oracle:
+        setting = (f"{scorer.data.name}: NLL-oracle of the first {args.text_samples:,} samples of each run under "
+                   f"the oracle, nats per token, recomputed here; NLL-test is the run's own figure.")
+    else:
+        setting = (f"{dataset}: the first {args.text_samples:,} samples of each run. BLEU of the first "
+                   f"{args.bleu_samples:,} against the whole test split, self-BLEU of the first "
+                   f"{args.self_bleu_samples}; LM score under an LSTM trained on the training split "
+                   f"({scorer.test_nll:.3f} nats per token on the test split), reverse LM score of the test split "
+                   f"under the same LSTM recipe trained on the samples; words and EOS counted, PAD and <unk> not.")
+    return rows, table, setting
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -642,13 +904,16 @@ def main(args: Args) -> None:
     dataset = datasets[0] if datasets else "fashion-mnist"
     if args.benchmark:
         return benchmark(records, dataset, args, device)
-    stacked = dataset == "stacked-mnist"
-    network = load_feature_network(CLASSIFIER_DATASET[dataset], args.data_dir, device)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise common.UserError(f"cannot create {out} ({e.strerror}); choose another --out")
+    if is_text(dataset):
+        rows, table, setting = text_comparison(records, dataset, args, device, out)
+        return write_comparison(out, dataset, setting, table, rows, None, plotted=True)
+    stacked = dataset == "stacked-mnist"
+    network = load_feature_network(CLASSIFIER_DATASET[dataset], args.data_dir, device)
     count = args.stacked_samples if stacked else args.samples
     subjects = [(r.name, r.model, r.command, r.images, likelihood_columns(r.final)) for r in records]
     subjects += [(name, "reference", "", images, {}) for name, images in reference_images(dataset, args,
@@ -675,23 +940,45 @@ def main(args: Args) -> None:
         series = {r["run"]: [(r["recall"], r["precision"])] for r in rows}
         common.plot_series(series, out / "comparison.png", f"{dataset}: precision against recall",
                            x_label="recall", y_label="precision")
-    text = f"# evaluate.py\n\n{setting}\n\n{table}\n"
-    common.atomic_write_bytes(out / "comparison.md", text.encode())
-    summary = {"dataset": dataset, "setting": setting, "classifier": {
+    write_comparison(out, dataset, setting, table, rows, {
         "dataset": network.dataset, "test_accuracy": network.accuracy,
-        "cache": str(network.path) if network.path else None}, "rows": rows}
+        "cache": str(network.path) if network.path else None}, plotted=not stacked)
+
+
+def write_comparison(out: Path, dataset: str, setting: str, table: str, rows: list, classifier,
+                     plotted: bool) -> None:
+    common.atomic_write_bytes(out / "comparison.md", f"# evaluate.py\n\n{setting}\n\n{table}\n".encode())
+    summary = {"dataset": dataset, "setting": setting, "classifier": classifier, "rows": rows}
     common.atomic_write_bytes(out / "comparison.json", json.dumps(summary, indent=2).encode())
     print(setting + "\n\n" + table)
-    print(f"wrote {out / 'comparison.md'}, comparison.json" + ("" if stacked else ", comparison.png"))
+    print(f"wrote {out / 'comparison.md'}, comparison.json" + (", comparison.png" if plotted else ""))
 
 
 def benchmark(records: list, dataset: str, args: Args, device) -> None:
-    """The first evaluation's extra cost (training the classifier, nothing cached) and the time of scoring one run
-    with the classifier cached, measured here rather than in a test."""
+    """The first evaluation's extra cost (training the classifier or the language model, nothing cached) and the
+    time of scoring one run with it in memory, measured here rather than in a test."""
+    threads = f"{device}, {torch.get_num_threads()} threads"
+    if is_text(dataset):
+        if not records:
+            raise common.UserError("--benchmark on text needs a run folder to score")
+        scorer = TextScorer(dataset, args, device, records[0].args.get("oracle", "paper"), log=lambda *_: None)
+        data = scorer.data
+        if data.oracle is None:
+            started = time.perf_counter()
+            train_language_model(data.train, data.scored(data.train), len(data.vocab), data.start_token, LM_RECIPE,
+                                 device)
+            print(f"benchmark: training the {dataset} language model: {time.perf_counter() - started:.1f} s on "
+                  f"{threads}")
+        started = time.perf_counter()
+        scorer.score(records[0].lines, records[0].name)
+        print(f"benchmark: scoring {records[0].name} ({dataset}; BLEU, self-BLEU, LM score, and the reverse LM's "
+              f"training and scoring): {time.perf_counter() - started:.1f} s on {threads}")
+        return
     name = CLASSIFIER_DATASET[dataset]
     started = time.perf_counter()
     network = load_feature_network(name, args.data_dir, device, use_cache=False)
-    print(f"benchmark: training the {name} classifier and its test accuracy: {time.perf_counter() - started:.1f} s")
+    print(f"benchmark: training the {name} classifier and its test accuracy: {time.perf_counter() - started:.1f} s "
+          f"on {threads}")
     images = records[0].images if records else reference_images(dataset, args, args.samples)["uniform noise (ceiling)"]
     started = time.perf_counter()
     if dataset == "stacked-mnist":
@@ -699,8 +986,7 @@ def benchmark(records: list, dataset: str, args: Args, device) -> None:
     else:
         ImageScorer(dataset, args, device, network=network).score(images)
     print(f"benchmark: scoring {records[0].name if records else 'uniform noise'} ({dataset}, classifier in memory, "
-          f"test features included): {time.perf_counter() - started:.1f} s on {device}, "
-          f"{torch.get_num_threads()} threads")
+          f"test features included): {time.perf_counter() - started:.1f} s on {threads}")
 
 
 if __name__ == "__main__":

@@ -241,7 +241,8 @@ def test_bad_run_folders_give_one_line_errors(tmp_path, capsys):
         "floats": ("expected uint8", [fake_run(tmp_path / "floats", images=good.astype(np.float32))]),
         "colour": ("expected uint8 N x 1", [fake_run(tmp_path / "colour", images=np.zeros((4, 3, 28, 28), np.uint8))]),
         "nosamples": ("no samples.npz", [fake_run(tmp_path / "nosamples")]),
-        "text": ("has no classifier", [fake_run(tmp_path / "text", dataset="coco")]),
+        "text": ("no samples.txt", [fake_run(tmp_path / "text", dataset="coco")]),
+        "folder": ("has no classifier", [fake_run(tmp_path / "folder", dataset="folder:/pictures")]),
         "mixed": ("different datasets", [fake_run(tmp_path / "a", images=good),
                                          fake_run(tmp_path / "b", dataset="fashion-mnist", images=good)]),
     }
@@ -347,3 +348,92 @@ def test_recall_per_class_names_the_classes_a_model_misses(tiny_data_dir, tiny_r
     recall = scores["recall_per_class"]
     assert min(recall[str(c)] for c in range(5)) > 0.8 and max(recall[str(c)] for c in range(5, 10)) < 0.2
     assert scores["class_kl"] > 0.5  # about log 2: half the classes carry all the mass
+
+
+# ---- text -----------------------------------------------------------------------------------------------------
+
+TINY_LM = dict(embed=8, hidden=16, epochs=8, batch_size=32, lr=1e-2, seed=0, max_sentences=100_000)
+TEXT = dict(text_samples=40, bleu_samples=40, self_bleu_samples=20)
+
+
+def test_token_nll_predicts_each_token_from_the_ones_before_it():
+    """The LM's NLL step by step by hand: position t's distribution, from the start token and tokens < t, scores
+    token t; only the scored positions count."""
+    torch.manual_seed(0)
+    model = evaluate.LanguageModel(7, 3, 5).eval()
+    tokens = torch.tensor([[4, 5, 2, 0, 0], [6, 3, 4, 5, 2]])
+    scored = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1]], dtype=torch.bool)  # token 3 is <unk>: not scored
+    total, count = 0.0, 0
+    for row in range(2):
+        state, previous = None, 1  # start token 1
+        for t in range(5):
+            out, state = model.lstm(model.embedding(torch.tensor([[previous]])), state)
+            log_p = torch.log_softmax(model.out(out[0, 0]), dim=-1)
+            if scored[row, t]:
+                total, count = total - log_p[tokens[row, t]].item(), count + 1
+            previous = tokens[row, t].item()
+    assert evaluate.mean_token_nll(model, tokens, scored, 1, torch.device("cpu")) == pytest.approx(total / count,
+                                                                                                    rel=1e-5)
+
+
+def text_scorer(dataset, tmp_path, oracle="paper", **extra):
+    args = evaluate.Args(runs=["unused"], data_dir=str(tmp_path / "data"), **{**TEXT, **extra})
+    return evaluate.TextScorer(dataset, args, torch.device("cpu"), oracle=oracle, log=lambda *_: None)
+
+
+def test_lm_scores_tell_fluent_text_and_collapse_apart(corpus, tmp_path, monkeypatch, one_thread):
+    monkeypatch.setattr(evaluate, "LM_RECIPE", TINY_LM)
+    scorer = text_scorer(f"file:{corpus}", tmp_path)
+    train = [" ".join(scorer.data.vocab.decode(row)) for row in scorer.data.train[:40]]
+    shuffled = [" ".join(random_order(line.split(), seed)) for seed, line in enumerate(train)]
+    collapsed = [train[0]] * 40
+    fluent, scrambled, repeated = (scorer.score(lines, name) for name, lines in
+                                   (("train", train), ("shuffled", shuffled), ("collapsed", collapsed)))
+    assert fluent["lm_score"] < scrambled["lm_score"] - 0.5  # the LM knows word order
+    # One sentence repeated reads well (low LM score) but a model of it cannot explain the test split.
+    assert repeated["reverse_lm_score"] > fluent["reverse_lm_score"] + 0.5
+    assert repeated["self_bleu2"] == pytest.approx(1.0) and fluent["self_bleu2"] < 1
+    assert fluent["mean_length"] == pytest.approx(sum(len(s.split()) for s in train) / 40)
+
+
+def random_order(words, seed):
+    import random
+    words = list(words)
+    random.Random(seed).shuffle(words)
+    return words
+
+
+def test_oracle_samples_are_scored_by_the_oracle(small_oracle, tmp_path):
+    scorer = text_scorer("oracle", tmp_path, oracle="random", text_samples=64)
+    data = scorer.data
+    lines = common.sample_lines(data, data.test)
+    assert scorer.score(lines, "lines")["nll_oracle"] == pytest.approx(data.oracle.nll(data.test).mean().item())
+    rows = scorer.references(64)
+    floor, ceiling = (scorer.score(lines, name)["nll_oracle"] for name, lines in rows.items())
+    assert floor < ceiling - 1  # the oracle's own sequences against uniform tokens
+    with pytest.raises(common.UserError, match="20 ids"):
+        scorer.score(["1 2 3"] * 64, "short")
+    with pytest.raises(common.UserError, match="token ids"):
+        scorer.score(["a b c"] * 64, "words")
+
+
+def test_text_runs_with_a_temperature_sweep_are_compared(corpus, tmp_path, monkeypatch, one_thread):
+    import scratchgan
+    monkeypatch.setattr(evaluate, "LM_RECIPE", TINY_LM)
+    runs = []
+    for name, extra in (("gan", {}), ("mle", {"mle": True})):
+        out = tmp_path / name
+        scratchgan.main(scratchgan.Args(dataset=f"file:{corpus}", out=str(out), device="cpu", batch_size=8, steps=4,
+                                        g_hidden=8, d_hidden=8, emb_dim=8, eval_every=4, num_samples=40,
+                                        bleu_samples=20, self_bleu_samples=10, log_every=2, checkpoint_every=0,
+                                        eval_temperatures="0.5,2" if name == "gan" else "", **extra))
+        runs.append(str(out))
+    out = tmp_path / "cmp"
+    evaluate.main(evaluate.Args(runs=runs, out=str(out), data_dir=str(tmp_path / "data"), device="cpu", **TEXT))
+    rows = {r["run"]: r for r in json.loads((out / "comparison.json").read_text())["rows"]}
+    assert {"gan", "mle", "gan at T = 0.5", "gan at T = 2"} <= set(rows)
+    assert rows["gan at T = 0.5"]["temperature"] == 0.5 and "nll_test" in rows["gan"]
+    floor = rows["training sentences (floor; the LM's own training data)"]
+    assert floor["lm_score"] < rows["uniform random words (ceiling)"]["lm_score"]
+    assert (out / "comparison.png").is_file() and "reverse LM score" in (out / "comparison.md").read_text()
+    assert any(p.name.startswith("lm-file-") for p in (tmp_path / "data" / "evaluate-cache").iterdir())
