@@ -647,9 +647,11 @@ class TextScorer:
         sentences = [common.tokenize_line(line)[:data.seq_len - 1] for line in lines]
         return sentences, common.encode_sentences(sentences, data.vocab, data.seq_len)
 
-    def score(self, lines: list, where: str) -> dict:
+    def score(self, lines: list, where: str, reference: bool = False) -> dict:
+        """A run's first --text-samples lines (a reference row may have fewer: the oracle has 9,984 training
+        sequences)."""
         args, data = self.args, self.data
-        if len(lines) < args.text_samples:
+        if len(lines) < args.text_samples and not reference:
             raise common.UserError(f"{where}: {len(lines)} samples, and evaluate.py scores {args.text_samples}: "
                                    f"write more with the model's --num-samples, or lower --text-samples")
         sentences, ids = self.encode(lines[:args.text_samples], where)
@@ -734,7 +736,9 @@ def text_comparison(records: list, dataset: str, args: Args, device, out: Path) 
             if not is_oracle:
                 curves.setdefault(r.name, []).append((scores["reverse_lm_score"], scores["lm_score"]))
     for name, lines in scorer.references(args.text_samples).items():
-        rows.append({"run": name, "model": "reference", "command": "", **scorer.score(lines, name)})
+        label = name if len(lines) == args.text_samples else f"{name}, {len(lines):,} of them"
+        rows.append({"run": label, "model": "reference", "command": "", "samples": len(lines),
+                     **scorer.score(lines, name, reference=True)})
     if not is_oracle:
         points = {r["run"]: [(r["reverse_lm_score"], r["lm_score"])] for r in rows if "temperature" not in r}
         common.plot_series({**points, **{f"{k} (T sweep)": v for k, v in curves.items()}}, out / "comparison.png",
@@ -750,7 +754,7 @@ def text_comparison(records: list, dataset: str, args: Args, device, out: Path) 
                    f"{args.self_bleu_samples}; LM score under an LSTM trained on the training split "
                    f"({scorer.test_nll:.3f} nats per token on the test split), reverse LM score of the test split "
                    f"under the same LSTM recipe trained on the samples; words and EOS counted, PAD and <unk> not.")
-    return rows, table, setting
+    return rows, table, setting, not is_oracle
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -910,8 +914,8 @@ def main(args: Args) -> None:
     except OSError as e:
         raise common.UserError(f"cannot create {out} ({e.strerror}); choose another --out")
     if is_text(dataset):
-        rows, table, setting = text_comparison(records, dataset, args, device, out)
-        return write_comparison(out, dataset, setting, table, rows, None, plotted=True)
+        rows, table, setting, plotted = text_comparison(records, dataset, args, device, out)
+        return write_comparison(out, dataset, setting, table, rows, None, plotted)
     stacked = dataset == "stacked-mnist"
     network = load_feature_network(CLASSIFIER_DATASET[dataset], args.data_dir, device)
     count = args.stacked_samples if stacked else args.samples

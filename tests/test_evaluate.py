@@ -303,14 +303,53 @@ def test_stacked_mnist_rows_count_modes(tiny_data_dir, tmp_path, tiny_recipe, on
     assert "a perfect generator, 100 samples (mean of 100 draws)" in rows
 
 
-def test_command_line_prints_the_table(tiny_data_dir, tmp_path):
-    run = fake_run(tmp_path / "run", images=common.load_image_dataset("mnist", tiny_data_dir, 28, "test")
-                   .images[:100].numpy())
-    result = subprocess.run([sys.executable, "evaluate.py", str(run), "--out", str(tmp_path / "cmp"), "--data-dir",
-                             str(tiny_data_dir), "--samples", "100", "--kid-subsets", "3", "--kid-subset-size", "50"],
+def test_command_line_on_tiny_runs_of_every_model_file(tiny_data_dir, corpus, tmp_path, one_thread):
+    import flow
+    import glo
+    import seqgan_rl
+    import vae
+    from test_flow import TINY as FLOW
+    from test_glo import TINY as GLO
+    from test_seqgan_rl import TINY as SEQGAN
+    from test_vae import TINY as VAE
+    data = {"dataset": "mnist", "data_dir": str(tiny_data_dir)}
+    dcgan.main(dcgan.Args(**data, out=str(tmp_path / "dcgan"), image_size=16, batch_size=16, g_width=8, d_width=8,
+                          z_dim=8, num_samples=100, max_steps=2, log_every=1, sample_every=0))
+    vae.main(vae.Args(**{**data, **VAE, "out": str(tmp_path / "vae"), "num_samples": 100}))
+    flow.main(flow.Args(**{**data, **FLOW, "out": str(tmp_path / "flow"), "num_samples": 100}))
+    glo.main(glo.Args(**{**data, **GLO, "out": str(tmp_path / "glo"), "num_samples": 100}))
+    image_runs = [str(tmp_path / name) for name in ("dcgan", "vae", "flow", "glo")]
+    small = ["--samples", "100", "--kid-subsets", "3", "--kid-subset-size", "50", "--device", "cpu"]
+    result = subprocess.run([sys.executable, "evaluate.py", *image_runs, "--out", str(tmp_path / "images"),
+                             "--data-dir", str(tiny_data_dir), *small],
                             cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "| run | model | FD |" in result.stdout and "test accuracy" in result.stdout
+    rows = {r["run"]: r for r in json.loads((tmp_path / "images" / "comparison.json").read_text())["rows"]}
+    assert "nll_binarised_nats" in rows["vae"] and "bits_per_dim_8bit" in rows["flow"] and "fd" in rows["glo"]
+    seqgan_rl.main(seqgan_rl.Args(**{**SEQGAN, "dataset": f"file:{corpus}", "out": str(tmp_path / "seqgan"),
+                                     "num_samples": 40}))
+    result = subprocess.run([sys.executable, "evaluate.py", str(tmp_path / "seqgan"), "--out", str(tmp_path / "text"),
+                             "--data-dir", str(tmp_path / "data"), "--text-samples", "40", "--bleu-samples", "40",
+                             "--self-bleu-samples", "20", "--device", "cpu"],
+                            cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "reverse LM score" in result.stdout and "| seqgan | seqgan_rl |" in result.stdout
+    mixed = subprocess.run([sys.executable, "evaluate.py", str(tmp_path / "seqgan"), str(tmp_path / "vae")],
+                           cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=120)
+    assert mixed.returncode == 1 and "different datasets" in mixed.stderr and "Traceback" not in mixed.stderr
+
+
+def test_language_model_reaches_the_entropy_of_a_known_corpus(one_thread):
+    """Sentences "w 5 6 EOS" with w uniform over four words: the best model pays log 4 on w and nothing on the
+    three tokens after it, log(4) / 4 nats per scored token."""
+    w = torch.arange(400) % 4 + 7
+    tokens = torch.stack([w, torch.full_like(w, 5), torch.full_like(w, 6), torch.full_like(w, 2),
+                          torch.zeros_like(w)], dim=1)  # ..., EOS (2), PAD (0)
+    scored = tokens != 0
+    model = evaluate.train_language_model(tokens, scored, 11, 1, {**TINY_LM, "epochs": 30}, torch.device("cpu"))
+    nll = evaluate.mean_token_nll(model, tokens, scored, 1, torch.device("cpu"))
+    assert nll == pytest.approx(math.log(4) / 4, abs=0.03)
 
 
 def test_tricks_table_trains_the_missing_runs_and_aggregates_seeds(tiny_data_dir, tmp_path, tiny_recipe,
@@ -409,7 +448,7 @@ def test_oracle_samples_are_scored_by_the_oracle(small_oracle, tmp_path):
     lines = common.sample_lines(data, data.test)
     assert scorer.score(lines, "lines")["nll_oracle"] == pytest.approx(data.oracle.nll(data.test).mean().item())
     rows = scorer.references(64)
-    floor, ceiling = (scorer.score(lines, name)["nll_oracle"] for name, lines in rows.items())
+    floor, ceiling = (scorer.score(lines, name, reference=True)["nll_oracle"] for name, lines in rows.items())
     assert floor < ceiling - 1  # the oracle's own sequences against uniform tokens
     with pytest.raises(common.UserError, match="20 ids"):
         scorer.score(["1 2 3"] * 64, "short")
