@@ -87,6 +87,10 @@ class Args(common.RunArgs):
     dense_rewards: bool = True  # a reward at every step; --no-dense-rewards: only D's verdict at the last token
     baseline: bool = True  # subtract the moving-average baseline from the return (--no-baseline: plain REINFORCE)
     baseline_decay: float = 0.08  # b <- decay b + (1 - decay) mean(R) (official baseline_decay 0.08)
+    baseline_over: typing.Literal["all", "tokens"] = "all"
+    # the positions mean(R) averages: all (the code: every position, the R = 0 after the end token included) or
+    # tokens (only those up to and including the end token; not in the paper): with "all", short samples pull b
+    # towards 0, so every sampled token of a batch that D rejects gets a negative advantage (README, scratchgan.py)
     d_l2: float = 1e-6  # weight of sum(v^2)/2 over every D variable (official l2_disc 1e-6)
     d_dropout: float = 0.1  # dropout on D's whole embedding matrix, each word masked alike (official disc_dropout)
     d_layer_norm: bool = True  # layer normalisation of D's LSTM gates (official layer_norm_disc)
@@ -385,13 +389,16 @@ def discounted_returns(rewards: torch.Tensor, discount: float) -> torch.Tensor:
 
 class MovingBaseline:
     """b <- decay · b + (1 - decay) · mean(R), starting from 0 (losses.py, the ewma_reward variable). The mean is
-    over every batch and time position, the masked ones (R = 0) included, as in the code."""
+    over every batch and time position, the masked ones (R = 0) included, as in the code; with a `mask` (from
+    --baseline-over tokens), over the generated tokens only."""
 
     def __init__(self, decay: float, device):
         self.decay, self.value = decay, torch.zeros((), device=device)
 
-    def update(self, returns: torch.Tensor) -> torch.Tensor:
-        self.value = self.decay * self.value + (1 - self.decay) * returns.detach().mean()
+    def update(self, returns: torch.Tensor, mask: typing.Optional[torch.Tensor] = None) -> torch.Tensor:
+        returns = returns.detach()
+        mean = returns.mean() if mask is None else (returns * mask).sum() / mask.sum().clamp(min=1)
+        self.value = self.decay * self.value + (1 - self.decay) * mean
         return self.value
 
     def state_dict(self) -> dict:
@@ -408,7 +415,8 @@ def reinforce_loss(d_logits: torch.Tensor, log_probs: torch.Tensor, mask: torch.
     R_t - b as the weight of each token's log-probability."""
     rewards = rewards_from_logits(d_logits, mask, args.dense_rewards)
     returns = discounted_returns(rewards, args.discount)
-    b = baseline.update(returns) if baseline is not None else torch.zeros((), device=returns.device)
+    over = mask if args.baseline_over == "tokens" else None
+    b = baseline.update(returns, over) if baseline is not None else torch.zeros((), device=returns.device)
     loss = -((returns - b).detach() * log_probs.float()).mean()
     metrics = {"loss/g": loss.detach(), "reward/mean": (rewards.sum() / mask.sum()).detach(),
                "reward/return": returns.mean().detach(), "reward/baseline": b.detach(),

@@ -199,6 +199,19 @@ def test_reinforce_loss_uses_the_baseline_updated_by_this_batch():
     assert math.isclose(loss.item(), -sum((R[t] - b) * log_probs[0, t].item() for t in range(3)) / 3, rel_tol=1e-5)
 
 
+def test_baseline_over_tokens_leaves_the_positions_after_the_end_out():
+    args = S.Args(preset="cpu", discount=0.5, baseline_decay=0.25, baseline_over="tokens")
+    baseline = S.MovingBaseline(0.25, "cpu")
+    baseline.value = torch.tensor(0.4)
+    d_logits = torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    log_probs = torch.tensor([[-0.5, -1.5, 0.0], [-0.2, 0.0, 0.0]], requires_grad=True)
+    S.reinforce_loss(d_logits, log_probs, mask, args, baseline)
+    r = [2 * sigmoid(1.0) - 1, 2 * sigmoid(-2.0) - 1]
+    live = [r[0] + 0.5 * r[1], r[1], 2 * sigmoid(3.0) - 1]  # the three generated tokens' returns
+    assert math.isclose(baseline.value.item(), 0.25 * 0.4 + 0.75 * sum(live) / 3, rel_tol=1e-6)
+
+
 def test_reinforce_moves_probability_to_the_rewarded_token():
     """A one-step bandit: D rewards token 3 only; a few REINFORCE steps raise its probability."""
     torch.manual_seed(0)
