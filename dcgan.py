@@ -18,7 +18,7 @@ with a tanh output, LeakyReLU(0.2) in D, weights ~ N(0, 0.02), Adam lr 2e-4 and 
 z ~ U[-1, 1]^100. Every other trick is a flag, off by default, its source beside it in `Args`: ganhacks (label
 smoothing, noisy and flipped labels, instance noise, k D steps, replay buffer, Gaussian z, slerp), BigGAN (hinge
 loss, spectral norm, EMA of G, orthogonal regularisation, TTUR, truncation, conditional BN with a projection D),
-LSGAN, WGAN-GP and R1. Failure tracking is always on (ganhacks #10): gradient norms are logged, and a warning is
+LSGAN, WGAN-GP, R1 and PacGAN's packing. Failure tracking is always on (ganhacks #10): gradient norms are logged, and a warning is
 printed when D's loss sits near 0 (D wins, G starves) or a gradient norm explodes.
 
 Run it:

@@ -491,13 +491,13 @@ def score_stacked(network: FeatureNetwork, images: torch.Tensor, args: Args, dev
 
 def image_table(rows: list, dataset: str) -> str:
     likelihood = any("nll_binarised_nats" in r for r in rows), any("bits_per_dim_8bit" in r for r in rows)
-    header = ["run", "model", "FD", "KID x 1e3", "precision", "recall", "density", "coverage", "class KL",
+    header = ["run", "model", "FD", "KID", "precision", "recall", "density", "coverage", "class KL",
               "worst class (recall)"]
     header += ["NLL, nats / binarised image"] * likelihood[0] + ["bits/dim, 8-bit pixels"] * likelihood[1]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         worst = min(r["recall_per_class"].items(), key=lambda item: item[1])
-        cells = [r["run"], r["model"], f"{r['fd']:.2f}", f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f}",
+        cells = [r["run"], r["model"], f"{r['fd']:.2f}", f"{r['kid']:.3g} ± {r['kid_std']:.2g}",
                  f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['density']:.3f}", f"{r['coverage']:.3f}",
                  f"{r['class_kl']:.4f}", f"{worst[0]} ({worst[1]:.3f})"]
         cells += [f"{r['nll_binarised_nats']:.2f}" if "nll_binarised_nats" in r else ""] * likelihood[0]
