@@ -41,6 +41,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -776,11 +777,11 @@ TRICKS = {
     "hinge + spectral norm": ["--loss", "hinge", "--spectral-norm"],
     "EMA of G, 0.999": ["--ema-decay", "0.999"],
     "R1, gamma 10": ["--r1", "10"],
-    "WGAN-GP, its paper's setting": WGAN_GP,
     "replay buffer, 1000": ["--replay-size", "1000"],
     "2 D steps": ["--d-steps", "2"],
     "packing, m = 2 (PacGAN)": ["--pack", "2"],
     "BigGAN recipe, unconditional": BIGGAN,
+    "WGAN-GP, its paper's setting": WGAN_GP,  # last: 5 critic steps with a double backward make it the costliest
 }
 # cpu: one epoch (468 G steps of 128 images on either dataset) with networks of half the width (32 channels where
 # DCGAN has 64), about 4x fewer operations per step: 36 runs in hours on 2 CPU cores. full: dcgan.py's defaults.
@@ -815,8 +816,10 @@ def train_tricks(args: Args) -> list:
                         "--out", str(folder), "--num-samples", str(count), "--sample-every", "0",
                         "--data-dir", args.data_dir, "--device", args.device]
         log = open(folder.with_suffix(".log"), "a")
-        running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), folder, log,
-                        time.perf_counter()))
+        # its own session: a Ctrl-C at the terminal reaches this process only, which then stops each training
+        # with one SIGTERM (a second signal would stop it before its checkpoint)
+        running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True), folder, log, time.perf_counter()))
 
     def reap(block: bool):
         for entry in list(running):
@@ -831,6 +834,10 @@ def train_tricks(args: Args) -> list:
                 print(f"  {folder.name}: {time.perf_counter() - started:.0f} s")
                 return
 
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # SIGTERM as Ctrl-C: stop the trainings (they checkpoint), then leave
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         for entry in pending:
             while len(running) >= args.jobs:
@@ -845,6 +852,8 @@ def train_tricks(args: Args) -> list:
         for process, *_ in running:
             process.wait()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return plan
 
 

@@ -13,7 +13,7 @@ import torch
 import common
 import dcgan
 import evaluate
-from conftest import ONE_THREAD, ROOT, run_cli
+from conftest import ONE_THREAD, ROOT, metrics_lines, run_cli
 
 TINY_RECIPE = dict(widths=(8, 16), features=32, epochs=3, batch_size=32, lr=5e-3, seed=0, train_images=0)
 SMALL = dict(samples=100, stacked_samples=100, kid_subsets=5, kid_subset_size=50)
@@ -476,3 +476,37 @@ def test_text_runs_with_a_temperature_sweep_are_compared(corpus, tmp_path, monke
     assert floor["lm_score"] < rows["uniform random words (ceiling)"]["lm_score"]
     assert (out / "comparison.png").is_file() and "reverse LM score" in (out / "comparison.md").read_text()
     assert any(p.name.startswith("lm-file-") for p in (tmp_path / "data" / "evaluate-cache").iterdir())
+
+
+def test_tricks_table_interrupted_keeps_the_checkpoint_and_resumes(tiny_data_dir, tmp_path):
+    """SIGTERM to evaluate.py --tricks stops its training with a checkpoint; the same command then resumes it."""
+    import signal
+    import time
+    out = tmp_path / "tricks"
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import evaluate, common\n"
+              f"evaluate.TRICKS = {{'defaults (DCGAN)': []}}\n"
+              f"evaluate.TRICK_BUDGETS = {{'cpu': ['--image-size', '16', '--batch-size', '16', '--g-width', '8', "
+              f"'--d-width', '8', '--z-dim', '8', '--max-steps', '300', '--log-every', '1', "
+              f"'--checkpoint-every', '100000']}}\n"
+              f"evaluate.CLASSIFIER_RECIPE = {TINY_RECIPE!r}\n"
+              f"common.run_cli(evaluate.main, evaluate.Args, ['--tricks', 'stacked-mnist', '--seeds', '1', "
+              f"'--out', {str(out)!r}, '--data-dir', {str(tiny_data_dir)!r}, '--device', 'cpu', '--samples', "
+              f"'100', '--stacked-samples', '100'])\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    log = out / "runs" / "stacked-mnist-defaults-dcgan-seed0.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and "step 3/" in log.read_text()):
+        time.sleep(0.2)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=120) != 0
+    folder = log.with_suffix("")
+    assert (folder / "checkpoint.pt").is_file() and not evaluate.finished(folder)
+    stopped_at = common.load_checkpoint(folder)["step"]
+    assert 3 <= stopped_at < 300
+    again = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "0 of 1 runs done; training 1" in again.stdout and (out / "tricks.md").is_file()
+    assert evaluate.finished(folder) and "--resume" in json.loads((folder / "config.json").read_text())["command"]
+    assert [r["step"] for r in metrics_lines(folder) if not r.get("final")] == list(range(1, 301))
