@@ -85,7 +85,7 @@ class Args(common.RunArgs):
     gp_weight: float = 10.0  # lambda of WGAN-GP's gradient penalty (Gulrajani et al. 2017 eq. 3)
     r1: float = 0.0  # gamma of the R1 penalty on D's gradient at real data (Mescheder et al. 2018 eq. 9); 0: off
     pack: int = 1
-    # PacGAN (Lin et al. 2018 §3): D judges packs of m images concatenated along the channels, all real or all fake,
+    # PacGAN (Lin et al. 2018): D judges packs of m images concatenated along the channels, all real or all fake,
     # so a G that repeats itself is seen doing it; a batch of B images makes B/m packs (PacGAN's code draws m x 64)
     num_samples: int = 10_000  # images written to samples.npz at the end
 
@@ -202,7 +202,7 @@ class Discriminator(nn.Module):
     Conditional: the projection discriminator (Miyato & Koyama 2018 eq. 3), f(x, y) = psi(phi(x)) + e(y)^T phi(x),
     with phi(x) the 4x4 features summed over space.
 
-    Packing (PacGAN, Lin et al. 2018 §3): with pack m, each m consecutive images of the batch are one input of m x C
+    Packing (PacGAN, Lin et al. 2018): with pack m, each m consecutive images of the batch are one input of m x C
     channels and get one score, so (B, C, H, W) -> (B/m,). Only the input layer grows."""
 
     def __init__(self, channels: int, image_size: int, width: int = 64, norm: str = "batch", num_classes: int = 0,

@@ -10,25 +10,36 @@ one feature space, against the 10,000 test images of the run's dataset:
     network is downloaded, so the numbers are in this project's feature space, not comparable with Inception-FID
     tables; they compare runs with each other and with two reference rows: the training images themselves (the
     floor: what a perfect model would score) and uniform noise (the ceiling);
-  - Fréchet distance (Heusel et al. 2017, eq. 6) between Gaussians fitted to the features, in float64;
-  - KID (Bińkowski et al. 2018, §3): the unbiased MMD^2 with the kernel k(a, b) = (a·b / d + 1)^3, mean and standard
+  - Fréchet distance (Heusel et al. 2017) between Gaussians fitted to the features, in float64;
+  - KID (Bińkowski et al. 2018): the unbiased MMD^2 with the kernel k(a, b) = (a·b / d + 1)^3, mean and standard
     deviation over 100 random subsets of 1,000 from each side;
-  - precision and recall (Kynkäänniemi et al. 2019, eq. 1-2, k = 3): the share of samples inside the test images'
+  - precision and recall (Kynkäänniemi et al. 2019, k = 3): the share of samples inside the test images'
     manifold (each test image's ball reaching its 3rd nearest test neighbour), and of test images inside the
-    samples' manifold; density and coverage (Naeem et al. 2020, eq. 3-4, k = 5), the same balls counted rather than
+    samples' manifold; density and coverage (Naeem et al. 2020, k = 5), the same balls counted rather than
     or-ed, and coverage asking only that a test image's own ball hold a sample;
   - KL(p_samples ‖ p_test) in nats between the classifier's class histograms, and recall per class (the share of
     each class's test images that the samples cover): which classes a model misses.
   - Stacked MNIST (three MNIST digits as the R, G, B channels: 1,000 modes): the MNIST classifier reads each
     channel of 26,000 samples; modes covered (at least one sample) out of 1,000 and KL(p_samples ‖ uniform) in nats,
-    the protocol of VEEGAN (Srivastava et al. 2017, §5.2) and PacGAN (Lin et al. 2018, §5.1), beside what a perfect
+    the protocol of VEEGAN (Srivastava et al. 2017) and PacGAN (Lin et al. 2018), beside what a perfect
     generator gets from 26,000 draws.
 Likelihoods a run reports go into the same table, each in its own column with its setting: nats per image on
 binarised pixels (vae.py) and bits per dimension on 8-bit pixels (flow.py) are different quantities.
 
+Text runs (samples.txt) are scored on the oracle by NLL-oracle, and on real text by BLEU-2..5 and self-BLEU-2..5 (as
+the model files compute them), the LM score (the samples' NLL under an LSTM trained on the real training split:
+quality) and the reverse LM score (the real test split's NLL under the same LSTM trained on the samples: quality
+and diversity together; Zhao et al. 2018, Caccia et al. 2020). A run with samples at several temperatures gets a
+curve, since a GAN and MLE must be compared along their quality/diversity curves (Caccia et al. 2020).
+
+`--tricks` trains dcgan.py with each trick of TRICKS alone, over seeds, and tabulates mean and spread: the
+lecture's question, which tricks make a GAN train, measured on Stacked MNIST's modes or Fashion-MNIST's metrics.
+
 Run it:
     python evaluate.py runs/dcgan-a runs/vae-b runs/flow-c --out comparison   # one table of runs on one dataset
     python evaluate.py runs/dcgan-stacked --out stacked                       # Stacked MNIST: modes and KL
+    python evaluate.py runs/seqgan-coco runs/scratchgan-coco --out text       # text: BLEU, LM and reverse LM
+    python evaluate.py --tricks stacked-mnist --out tricks --jobs 2           # the tricks table, 3 seeds each
     python evaluate.py --benchmark runs/dcgan-a                               # time of the classifier and a scoring
 
 Results: README, "evaluate.py".
@@ -86,7 +97,7 @@ class Args:
     seed: int = 0  # draws of the reference rows and of KID's subsets (the classifier has its own fixed seed)
     samples: int = 10_000  # samples scored per image run, against as many test images (all 10,000)
     stacked_samples: int = 26_000  # samples per Stacked MNIST run (VEEGAN's and PacGAN's protocol)
-    kid_subsets: int = 100  # KID: subsets averaged (Bińkowski et al. §3 use 100 of 1,000)
+    kid_subsets: int = 100  # KID: subsets averaged
     kid_subset_size: int = 1_000  # KID: samples per subset, from each side
     k_precision: int = 3  # precision / recall: the k-th neighbour sets the radius (Kynkäänniemi et al. k = 3)
     k_density: int = 5  # density / coverage: the k of Naeem et al. (k = 5)
@@ -241,7 +252,7 @@ def psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    """||mu_x - mu_y||^2 + tr(S_x + S_y - 2 (S_x S_y)^(1/2)) (Heusel et al. eq. 6). The trace of the root is taken as
+    """||mu_x - mu_y||^2 + tr(S_x + S_y - 2 (S_x S_y)^(1/2)) (Heusel et al. 2017). The trace of the root is taken as
     tr((S_x^(1/2) S_y S_x^(1/2))^(1/2)), a symmetric PSD matrix with the same eigenvalues, so eigh suffices (no
     scipy.linalg.sqrtm and none of its complex round-off)."""
     x, y = x.double(), y.double()
@@ -254,7 +265,7 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def kernel_inception_distance(x: torch.Tensor, y: torch.Tensor, subsets: int, subset_size: int,
                               seed: int) -> tuple:
-    """KID (Bińkowski et al. §3): per subset, the unbiased MMD^2 (their eq. 3: the diagonal of the within-set kernel
+    """KID (Bińkowski et al. 2018): per subset, the unbiased MMD^2 (the diagonals of the within-set kernel
     matrices left out) with k(a, b) = (a·b / d + 1)^3; returns its mean and standard deviation over the subsets."""
     x, y = x.double(), y.double()
     m, dims = min(subset_size, len(x), len(y)), x.shape[1]
@@ -285,7 +296,7 @@ def kth_neighbour_distances(x: torch.Tensor, k: int, chunk: int = 2048) -> torch
 
 def manifold_metrics(real: torch.Tensor, fake: torch.Tensor, k_precision: int, k_density: int,
                      real_radii: typing.Optional[dict] = None, chunk: int = 2048) -> dict:
-    """Precision, recall (Kynkäänniemi et al. eq. 1-2), density and coverage (Naeem et al. eq. 3-4) in one pass over
+    """Precision, recall (Kynkäänniemi et al. 2019), density and coverage (Naeem et al. 2020) in one pass over
     the fake x real distances. A point lies in a ball when its distance is at most the radius. Also returns
     `recall_mask`: which real points the samples' manifold covers (for recall per class)."""
     real_radii = real_radii or {}
@@ -595,8 +606,8 @@ class TextScorer:
     """Scores sample files of one text dataset. Real text: BLEU-2..5 against the test split and self-BLEU-2..5 (as
     the model files compute them), the LM score (nats per token of the samples under an LSTM trained on the real
     training split: quality) and the reverse LM score (nats per token of the real test split under an LSTM trained
-    on the samples: quality and diversity together; Zhao et al. 2018, Caccia et al. 2020 §3, de Masson d'Autume
-    et al. 2019 §4). Words and EOS are counted, PAD and <unk> are not. The oracle: NLL-oracle of the samples."""
+    on the samples: quality and diversity together; Zhao et al. 2018, Caccia et al. 2020, de Masson d'Autume
+    et al. 2019). Words and EOS are counted, PAD and <unk> are not. The oracle: NLL-oracle of the samples."""
 
     def __init__(self, dataset: str, args: Args, device, oracle: str = "paper", oracle_seed: int = 0, log=print):
         self.args, self.device, self.log = args, device, log

@@ -142,7 +142,7 @@ def test_gradient_penalties_on_a_linear_critic():
 
 
 def test_a_pack_is_one_input_of_its_images_concatenated_along_the_channels():
-    """PacGAN (Lin et al. §3): D with pack 2 scores each pair of consecutive images as one 2-channel input; the
+    """PacGAN (Lin et al. 2018): D with pack 2 scores each pair of consecutive images as one 2-channel input; the
     same weights in a 2-channel D, fed the concatenated pairs by hand, give the same scores."""
     torch.manual_seed(0)
     packed = dcgan.Discriminator(1, 16, width=8, norm="none", pack=2)
