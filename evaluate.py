@@ -109,6 +109,7 @@ class Args:
     budget: typing.Literal["cpu", "full"] = "cpu"  # --tricks: the step budget of each run (TRICK_BUDGETS)
     seeds: int = 3  # --tricks: seeds per trick (0, 1, ...)
     jobs: int = 1  # --tricks: trainings at once, one thread each when more than 1
+    score_finished: bool = False  # --tricks: tabulate the runs that have finished and train nothing
 
     def __post_init__(self):
         common.check_ranges(self, at_least_1=("samples", "stacked_samples", "kid_subsets", "k_precision",
@@ -808,10 +809,8 @@ def finished(folder: Path) -> bool:
 def train_tricks(args: Args) -> list:
     """Train every (trick, seed) run of the table that has not finished, --jobs at a time, each as its own
     `python dcgan.py` (a run interrupted earlier resumes from its checkpoint). Returns (trick, seed, folder)."""
-    root = Path(args.out) / "runs"
     count = args.stacked_samples if args.tricks == "stacked-mnist" else args.samples
-    plan = [(name, seed, root / f"{args.tricks}-{slug(name)}-seed{seed}") for name in TRICKS
-            for seed in range(args.seeds)]
+    plan = trick_plan(args)
     pending = [entry for entry in plan if not finished(entry[2])]
     env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if args.jobs > 1 else {})}
     running = []
@@ -868,6 +867,13 @@ def train_tricks(args: Args) -> list:
     return plan
 
 
+def trick_plan(args: Args) -> list:
+    """(trick, seed, run folder) for every run of the table."""
+    root = Path(args.out) / "runs"
+    return [(name, seed, root / f"{args.tricks}-{slug(name)}-seed{seed}") for name in TRICKS
+            for seed in range(args.seeds)]
+
+
 def slug(name: str) -> str:
     return re.sub("[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -882,7 +888,11 @@ def mean_and_spread(values: list) -> str:
 
 
 def tricks_table(args: Args, device) -> None:
-    plan = train_tricks(args)
+    plan = trick_plan(args) if args.score_finished else train_tricks(args)
+    missing = [entry for entry in plan if not finished(entry[2])]
+    plan = [entry for entry in plan if finished(entry[2])]
+    if not plan:
+        raise common.UserError(f"no finished run in {Path(args.out) / 'runs'}; run without --score-finished")
     stacked = args.tricks == "stacked-mnist"
     network = load_feature_network(CLASSIFIER_DATASET[args.tricks], args.data_dir, device)
     scorer = None if stacked else ImageScorer(args.tricks, args, device, network=network)
@@ -895,12 +905,15 @@ def tricks_table(args: Args, device) -> None:
     keys = ["modes", "kl_uniform"] if stacked else ["fd", "precision", "recall", "coverage"]
     labels = {"modes": "modes (of 1,000)", "kl_uniform": "KL(samples ‖ uniform), nats", "fd": "FD",
               "precision": "precision", "recall": "recall", "coverage": "coverage"}
-    lines = ["| trick | dcgan.py flags | " + " | ".join(labels[k] for k in keys) + " | per seed |",
-             "|" + "---|" * (len(keys) + 3)]
+    lines = ["| trick | dcgan.py flags | seeds | " + " | ".join(labels[k] for k in keys) + " | per seed |",
+             "|" + "---|" * (len(keys) + 4)]
     for name, rows in scores.items():
         per_seed = "; ".join(", ".join(f"{r[k]:.4g}" for k in keys) for r in rows)
-        lines.append(f"| {name} | `{' '.join(TRICKS[name]) or '(none)'}` | " +
+        lines.append(f"| {name} | `{' '.join(TRICKS[name]) or '(none)'}` | {len(rows)} | " +
                      " | ".join(mean_and_spread([r[k] for r in rows]) for k in keys) + f" | {per_seed} |")
+    if missing:
+        lines += ["", "Not finished yet (the same command without --score-finished trains them): " +
+                  ", ".join(f"{name} seed {seed}" for name, seed, _ in missing) + "."]
     budget = " ".join(TRICK_BUDGETS[args.budget]) or "dcgan.py's default 5 epochs"
     setting = (f"dcgan.py on {args.tricks}, budget `{budget}`, seeds 0-{args.seeds - 1}; mean ± standard deviation "
                f"over seeds. " + (f"{args.stacked_samples:,} samples per run, each channel read by the MNIST "

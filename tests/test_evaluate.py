@@ -1,6 +1,7 @@
 """evaluate.py: each metric against an independent reference (closed forms, hand-worked point sets, brute force),
 the classifier cache, reading runs and their errors, and a whole comparison of a real dcgan.py run."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -368,12 +369,18 @@ def test_tricks_table_trains_the_missing_runs_and_aggregates_seeds(tiny_data_dir
     saved = json.loads((out / "tricks.json").read_text())["scores"]
     assert [len(v) for v in saved.values()] == [2, 2]
     modes = [r["modes"] for r in saved["defaults (DCGAN)"]]
-    assert rows[0].split(" | ")[2].startswith(f"{sum(modes) / 2:.4g}")
+    assert rows[0].split(" | ")[2] == "2" and rows[0].split(" | ")[3].startswith(f"{sum(modes) / 2:.4g}")
     config = json.loads((out / "runs" / "stacked-mnist-packing-m-2-pacgan-seed1" / "config.json").read_text())
     assert config["args"]["pack"] == 2 and config["args"]["seed"] == 1 and config["args"]["num_samples"] == 100
     stamp = (out / "runs" / "stacked-mnist-defaults-dcgan-seed0" / "samples.npz").stat().st_mtime_ns
     evaluate.main(args)  # everything finished: nothing is trained again
     assert (out / "runs" / "stacked-mnist-defaults-dcgan-seed0" / "samples.npz").stat().st_mtime_ns == stamp
+    (out / "runs" / "stacked-mnist-defaults-dcgan-seed1" / "samples.npz").unlink()  # as if still training
+    evaluate.main(dataclasses.replace(args, score_finished=True))
+    table = (out / "tricks.md").read_text()
+    assert "| defaults (DCGAN) | `(none)` | 1 |" in table and "Not finished yet" in table and \
+        "defaults (DCGAN) seed 1." in table
+    assert not (out / "runs" / "stacked-mnist-defaults-dcgan-seed1" / "samples.npz").exists()  # nothing trained
     monkeypatch.setattr(evaluate, "TRICKS", {"broken": ["--pack", "3"]})
     with pytest.raises(common.UserError, match="exited with status 2"):
         evaluate.main(args)
