@@ -797,7 +797,20 @@ TRICKS = {
 }
 # cpu: one epoch (468 G steps of 128 images on either dataset) with networks of half the width (32 channels where
 # DCGAN has 64), about 4x fewer operations per step: 36 runs in hours on 2 CPU cores. full: dcgan.py's defaults.
-TRICK_BUDGETS = {"cpu": ["--epochs", "1", "--g-width", "32", "--d-width", "32"], "full": []}
+# Either way every run makes the same number of G steps (budget_flags).
+TRICK_BUDGETS = {"cpu": ["--epochs", "1", "--g-width", "32", "--d-width", "32"], "full": ["--epochs", "5"]}
+
+
+def budget_flags(budget: str, trick: list) -> list:
+    """The budget's flags with --epochs multiplied by the trick's D steps per G step: dcgan.py counts an epoch in
+    D's batches, so k D steps would otherwise leave G k times fewer steps. Every run makes the same G steps, and D
+    sees k times the data, as in the papers (WGAN-GP's 5 critic steps per G step)."""
+    flags = list(TRICK_BUDGETS[budget])
+    k = int(trick[trick.index("--d-steps") + 1]) if "--d-steps" in trick else 1
+    if "--epochs" in flags:
+        at = flags.index("--epochs") + 1
+        flags[at] = str(int(flags[at]) * k)
+    return flags
 
 
 def finished(folder: Path) -> bool:
@@ -822,7 +835,8 @@ def train_tricks(args: Args) -> list:
         if (folder / "checkpoint.pt").is_file():
             command += ["--resume", str(folder)]
         else:
-            command += ["--dataset", args.tricks, *TRICK_BUDGETS[args.budget], *TRICKS[name], "--seed", str(seed),
+            command += ["--dataset", args.tricks, *budget_flags(args.budget, TRICKS[name]), *TRICKS[name],
+                        "--seed", str(seed),
                         "--out", str(folder), "--num-samples", str(count), "--sample-every", "0",
                         "--data-dir", args.data_dir, "--device", args.device]
         log = open(folder.with_suffix(".log"), "a")
@@ -914,7 +928,7 @@ def tricks_table(args: Args, device) -> None:
     if missing:
         lines += ["", "Not finished yet (the same command without --score-finished trains them): " +
                   ", ".join(f"{name} seed {seed}" for name, seed, _ in missing) + "."]
-    budget = " ".join(TRICK_BUDGETS[args.budget]) or "dcgan.py's default 5 epochs"
+    budget = " ".join(TRICK_BUDGETS[args.budget]) + " (times k for k D steps per G step: the same G steps)"
     setting = (f"dcgan.py on {args.tricks}, budget `{budget}`, seeds 0-{args.seeds - 1}; mean ± standard deviation "
                f"over seeds. " + (f"{args.stacked_samples:,} samples per run, each channel read by the MNIST "
                                   f"classifier (test accuracy {network.accuracy:.2%})." if stacked else

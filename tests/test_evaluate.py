@@ -517,3 +517,13 @@ def test_tricks_table_interrupted_keeps_the_checkpoint_and_resumes(tiny_data_dir
     assert "0 of 1 runs done; training 1" in again.stdout and (out / "tricks.md").is_file()
     assert evaluate.finished(folder) and "--resume" in json.loads((folder / "config.json").read_text())["command"]
     assert [r["step"] for r in metrics_lines(folder) if not r.get("final")] == list(range(1, 301))
+
+
+def test_every_trick_gets_the_same_g_steps():
+    assert evaluate.budget_flags("cpu", ["--spectral-norm"])[:2] == ["--epochs", "1"]
+    assert evaluate.budget_flags("cpu", evaluate.WGAN_GP)[:2] == ["--epochs", "5"]  # 5 D batches per G step
+    assert evaluate.budget_flags("full", ["--d-steps", "2"]) == ["--epochs", "10"]
+    for name, flags in evaluate.TRICKS.items():  # through dcgan.py's own parser, as the runs get them
+        args = common.parse_args(dcgan.Args, ["--dataset", "stacked-mnist"] + evaluate.budget_flags("cpu", flags) +
+                                 flags)
+        assert args.epochs / args.d_steps == 1, name  # one epoch's 468 G steps each
