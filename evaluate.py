@@ -888,6 +888,24 @@ def trick_plan(args: Args) -> list:
             for seed in range(args.seeds)]
 
 
+def cached_scores(folder: Path, setting: list, compute) -> dict:
+    """A run's scores from <run>/evaluate-scores.json when they were computed with the same classifier, settings and
+    samples.npz (its size and modification time), else computed and saved there: a table of 36 runs is scored once,
+    not at every call."""
+    samples = (folder / "samples.npz").stat()
+    stamp = {"setting": setting, "samples": [samples.st_size, samples.st_mtime_ns]}
+    path = folder / "evaluate-scores.json"
+    try:
+        saved = json.loads(path.read_text())
+        if {k: saved.get(k) for k in stamp} == stamp:
+            return saved["scores"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        pass
+    scores = compute()
+    common.atomic_write_bytes(path, json.dumps({**stamp, "scores": scores}).encode())
+    return scores
+
+
 def slug(name: str) -> str:
     return re.sub("[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -911,11 +929,15 @@ def tricks_table(args: Args, device) -> None:
     network = load_feature_network(CLASSIFIER_DATASET[args.tricks], args.data_dir, device)
     scorer = None if stacked else ImageScorer(args.tricks, args, device, network=network)
     scores = {}
+    setting = [recipe_key(network.dataset, CLASSIFIER_RECIPE), args.stacked_samples] if stacked else \
+        [recipe_key(network.dataset, CLASSIFIER_RECIPE), args.samples, args.kid_subsets, args.kid_subset_size,
+         args.k_precision, args.k_density, args.seed]
     for name, seed, folder in plan:
-        images = read_run(folder).images
-        scores.setdefault(name, []).append(score_stacked(network, images, args, device) if stacked else
-                                           {k: v for k, v in scorer.score(images).items()
-                                            if k in ("fd", "recall", "coverage", "precision")})
+        def compute():
+            images = read_run(folder).images
+            return score_stacked(network, images, args, device) if stacked else \
+                {k: v for k, v in scorer.score(images).items() if k in ("fd", "recall", "coverage", "precision")}
+        scores.setdefault(name, []).append(cached_scores(folder, setting, compute))
     keys = ["modes", "kl_uniform"] if stacked else ["fd", "precision", "recall", "coverage"]
     labels = {"modes": "modes (of 1,000)", "kl_uniform": "KL(samples ‖ uniform), nats", "fd": "FD",
               "precision": "precision", "recall": "recall", "coverage": "coverage"}

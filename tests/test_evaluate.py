@@ -527,3 +527,14 @@ def test_every_trick_gets_the_same_g_steps():
         args = common.parse_args(dcgan.Args, ["--dataset", "stacked-mnist"] + evaluate.budget_flags("cpu", flags) +
                                  flags)
         assert args.epochs / args.d_steps == 1, name  # one epoch's 468 G steps each
+
+
+def test_cached_scores_are_reused_until_the_samples_or_settings_change(tmp_path):
+    run = fake_run(tmp_path / "run", images=np.zeros((4, 1, 28, 28), np.uint8))
+    calls = []
+    compute = lambda: calls.append(1) or {"modes": len(calls)}  # noqa: E731
+    assert evaluate.cached_scores(run, ["key", 100], compute) == {"modes": 1}
+    assert evaluate.cached_scores(run, ["key", 100], compute) == {"modes": 1} and len(calls) == 1
+    assert evaluate.cached_scores(run, ["key", 200], compute) == {"modes": 2}  # another setting
+    np.savez(run / "samples.npz", images=np.ones((5, 1, 28, 28), np.uint8))  # new samples
+    assert evaluate.cached_scores(run, ["key", 200], compute) == {"modes": 3}
