@@ -190,6 +190,9 @@ class FeatureNetwork:
     accuracy: float  # on the whole test split
     path: typing.Optional[Path]  # the cache file (None when it could not be written)
     seconds: float  # training time, 0 when loaded from the cache
+    test_features: typing.Optional[torch.Tensor] = None  # of the whole test split, kept from the accuracy pass
+    test_classes: typing.Optional[torch.Tensor] = None
+    test_labels: typing.Optional[torch.Tensor] = None
 
     @torch.no_grad()
     def features_and_classes(self, images: torch.Tensor, device) -> tuple:
@@ -202,23 +205,38 @@ class FeatureNetwork:
         return torch.cat(features), torch.cat(classes)
 
 
+def load_cached(model: nn.Module, path: Path, what: str, device) -> None:
+    """Weights from an evaluate-cache file into `model` (eval mode), or a one-line error naming the file."""
+    try:
+        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    except Exception as e:  # torch raises many types for a damaged or foreign file
+        raise common.UserError(f"{path}: cannot read the cached {what} ({type(e).__name__}); delete it to train it "
+                               f"again")
+    model.eval()
+
+
+def save_cached(model: nn.Module, path: Path, what: str, log) -> bool:
+    """Write `model`'s weights atomically; a read-only data folder only costs a retraining next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        common.atomic_write(path, lambda f: torch.save(model.state_dict(), f))
+        return True
+    except OSError as e:
+        log(f"note: could not cache the {what} in {path.parent} ({e.strerror}); it will be trained again")
+        return False
+
+
 def load_feature_network(dataset: str, data_dir, device, recipe: typing.Optional[dict] = None, log=print,
                          use_cache: bool = True) -> FeatureNetwork:
     """The dataset's classifier from <data-dir>/evaluate-cache/, trained and saved there first if it is missing."""
     recipe = recipe or CLASSIFIER_RECIPE
     test = common.load_image_dataset(dataset, data_dir, NATIVE_SIZE[dataset], "test")
     path = Path(data_dir) / "evaluate-cache" / f"classifier-{dataset}-{recipe_key(dataset, recipe)}.pt"
-    train = None
     model = Classifier(test.images.shape[1], test.num_classes, NATIVE_SIZE[dataset], recipe["widths"],
                        recipe["features"]).to(device)
     seconds = 0.0
     if use_cache and path.is_file():
-        try:
-            model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-            model.eval()
-        except Exception as e:  # torch raises many types for a damaged or foreign file
-            raise common.UserError(f"{path}: cannot read the cached classifier ({type(e).__name__}); delete it to "
-                                   f"train it again")
+        load_cached(model, path, "classifier", device)
     else:
         where = f"; cached afterwards in {path.parent}" if use_cache else ", not cached"
         log(f"training the {dataset} feature classifier ({recipe['epochs']} epochs{where})")
@@ -226,16 +244,12 @@ def load_feature_network(dataset: str, data_dir, device, recipe: typing.Optional
         started = time.perf_counter()
         model = train_classifier(train, recipe, device)
         seconds = time.perf_counter() - started
-        if use_cache:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                common.atomic_write(path, lambda f: torch.save(model.state_dict(), f))
-            except OSError as e:
-                log(f"note: could not cache the classifier in {path.parent} ({e.strerror}); it will be trained again")
-                path = None
+        if use_cache and not save_cached(model, path, "classifier", log):
+            path = None
     network = FeatureNetwork(model, dataset, 0.0, path, seconds)
-    _, predicted = network.features_and_classes(test.images, device)
-    network.accuracy = (predicted == test.labels).float().mean().item()
+    network.test_features, network.test_classes = network.features_and_classes(test.images, device)
+    network.test_labels = test.labels
+    network.accuracy = (network.test_classes == test.labels).float().mean().item()
     target = ACCURACY_TARGET.get(dataset)
     verdict = "" if target is None or network.accuracy >= target else f", below the {target:.0%} it should reach"
     log(f"feature classifier {dataset}: test accuracy {network.accuracy:.2%}{verdict}"
@@ -460,9 +474,8 @@ class ImageScorer:
     def __init__(self, dataset: str, args: Args, device, log=print, network: typing.Optional[FeatureNetwork] = None):
         self.dataset, self.args, self.device = dataset, args, device
         self.network = network or load_feature_network(dataset, args.data_dir, device, log=log)
-        test = common.load_image_dataset(dataset, args.data_dir, NATIVE_SIZE[dataset], "test")
-        self.test_features, self.test_classes = self.network.features_and_classes(test.images, device)
-        self.test_labels = test.labels
+        self.test_features, self.test_classes = self.network.test_features, self.network.test_classes
+        self.test_labels = self.network.test_labels
         self.radii = {k: kth_neighbour_distances(self.test_features, k) for k in {args.k_precision, args.k_density}}
 
     def score(self, images: torch.Tensor) -> dict:
@@ -623,23 +636,14 @@ class TextScorer:
                                                              f"{lm_key(dataset, recipe)}.pt"
         if path.is_file():
             model = LanguageModel(len(data.vocab), recipe["embed"], recipe["hidden"]).to(self.device)
-            try:
-                model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
-            except Exception as e:  # torch raises many types for a damaged or foreign file
-                raise common.UserError(f"{path}: cannot read the cached language model ({type(e).__name__}); "
-                                       f"delete it to train it again")
-            model.eval()
+            load_cached(model, path, "language model", self.device)
         else:
             self.log(f"training the {dataset} language model ({recipe['epochs']} epochs; cached in {path.parent})")
             started = time.perf_counter()
             model = train_language_model(data.train, data.scored(data.train), len(data.vocab), data.start_token,
                                          recipe, self.device)
             self.log(f"  trained in {time.perf_counter() - started:.0f} s")
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                common.atomic_write(path, lambda f: torch.save(model.state_dict(), f))
-            except OSError as e:
-                self.log(f"note: could not cache the language model in {path.parent} ({e.strerror})")
+            save_cached(model, path, "language model", self.log)
         self.test_nll = mean_token_nll(model, data.test, data.scored(data.test), data.start_token, self.device)
         self.log(f"{dataset} language model: {self.test_nll:.3f} nats per token on the test split")
         return model
