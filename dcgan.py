@@ -18,8 +18,8 @@ with a tanh output, LeakyReLU(0.2) in D, weights ~ N(0, 0.02), Adam lr 2e-4 and 
 z ~ U[-1, 1]^100. Every other trick is a flag, off by default, its source beside it in `Args`: ganhacks (label
 smoothing, noisy and flipped labels, instance noise, k D steps, replay buffer, Gaussian z, slerp), BigGAN (hinge
 loss, spectral norm, EMA of G, orthogonal regularisation, TTUR, truncation, conditional BN with a projection D),
-LSGAN, WGAN-GP, R1 and PacGAN's packing. Failure tracking is always on (ganhacks #10): gradient norms are logged, and a warning is
-printed when D's loss sits near 0 (D wins, G starves) or a gradient norm explodes.
+LSGAN, WGAN-GP, R1 and PacGAN's packing. Failure tracking is always on (ganhacks #10): gradient norms are logged,
+and a warning is printed when D's loss sits near 0 (D wins, G starves) or a gradient norm explodes.
 
 Run it:
     python dcgan.py                                    # Fashion-MNIST at 32 px; CPU or GPU, whichever is here
@@ -428,7 +428,8 @@ def build_gan(args: Args, channels: int, num_classes: int, device: torch.device)
         apply_spectral_norm(discriminator)
     if args.spectral_norm_g:
         apply_spectral_norm(generator)
-    generator, discriminator = generator.to(device), discriminator.to(device)
+    generator = common.channels_last_on_cpu(generator.to(device), device)
+    discriminator = common.channels_last_on_cpu(discriminator.to(device), device)
     common.broadcast_module(generator)  # every rank starts from rank 0's weights
     common.broadcast_module(discriminator)
     ema = copy.deepcopy(generator).requires_grad_(False) if args.ema_decay else None
@@ -571,18 +572,20 @@ def evaluate(gan: GAN, sampler: nn.Module, args: Args, samples: torch.Tensor, tr
 
 
 def benchmark(gan: GAN, args: Args, batches: common.Batches, run: common.Run, planned_steps: int) -> None:
-    """Steps/s on real batches and on synthetic tensors of the same shape, and the share of step time spent
-    fetching real batches."""
+    """Steps/s on real batches and on synthetic tensors of the same shape, in float32 and under --amp side by side,
+    the share of step time spent fetching real batches, and the step's GFLOP/s against the machine's matmul rate."""
     images, labels = batches.next()
     classes = max(1, gan_num_classes(gan.generator))
     synthetic = lambda: (torch.randint(0, 256, images.shape, dtype=torch.uint8, device=run.device),  # noqa: E731
                          None if labels is None else torch.randint(classes, labels.shape, device=run.device))
-    rates = common.benchmark_training(
-        lambda next_batch, step: train_step(gan, args, next_batch, step, planned_steps, run.device),
-        batches.next, synthetic, args.benchmark_steps, run.device)
+    lines = common.benchmark_in_both_precisions(
+        lambda next_batch, step: train_step(gan, args, next_batch, step, planned_steps, run.device), batches.next,
+        synthetic, args, run.device, args.batch_size * args.d_steps * run.world_size)
     if run.is_main:
-        print(f"benchmark | {run.device.type} x{run.world_size}, {args.image_size} px, batch {args.batch_size} | "
-              f"{common.format_rates(rates, args.batch_size * args.d_steps * run.world_size)}")
+        print(f"benchmark | {run.device.type} x{run.world_size}, {torch.get_num_threads()} threads, {args.image_size} "
+              f"px, batch {args.batch_size}")
+        for line in lines:
+            print(f"benchmark | {line}")
 
 
 def main(args: Args) -> None:

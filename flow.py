@@ -475,24 +475,33 @@ def train_step(flow: Glow, optimizer: torch.optim.Optimizer, args: Args, next_ba
 
 
 def benchmark(flow: Glow, optimizer, args: Args, batches: common.Batches, run: common.Run) -> None:
-    """Training steps/s on real batches and on synthetic tensors of the same shape, the share of step time spent
-    fetching real batches, and sampling throughput (samples/s at T = 1)."""
+    """Training steps/s on real batches and on synthetic tensors of the same shape, in float32 and under --amp side
+    by side, the share of step time spent fetching real batches, the step's GFLOP/s against the machine's matmul
+    rate, and sampling throughput (samples/s at T = 1, in the same precision)."""
     device = run.device
     images, _ = batches.next()
-    rates = common.benchmark_training(
-        lambda next_batch, step: train_step(flow, optimizer, args, next_batch, step, device), batches.next,
-        lambda: (torch.randint(0, 256, images.shape, dtype=torch.uint8, device=device), None), args.benchmark_steps,
-        device)
-    generator, clock = torch.Generator(device=device).manual_seed(args.seed), common.Clock(device)
-    sample(flow, args.eval_batch, 1.0, args.n_bits, generator, args.eval_batch)  # warm-up
-    clock()
-    sample(flow, args.eval_batch, 1.0, args.n_bits, generator, args.eval_batch)
-    sampling_rate = args.eval_batch / clock()
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    def step(next_batch, index):
+        flow.set_amp(args.amp)  # benchmark_precisions toggles args.amp between rounds
+        return train_step(flow, optimizer, args, next_batch, index, device)
+
+    def sampling():
+        flow.set_amp(args.amp)
+        sample(flow, args.eval_batch, 1.0, args.n_bits, generator, args.eval_batch)  # warm-up
+        clock = common.Clock(device)
+        sample(flow, args.eval_batch, 1.0, args.n_bits, generator, args.eval_batch)
+        return f"sampling: {args.eval_batch / clock():.0f} samples/s"
+
+    lines = common.benchmark_in_both_precisions(
+        step, batches.next, lambda: (torch.randint(0, 256, images.shape, dtype=torch.uint8, device=device), None),
+        args, device, args.batch_size * run.world_size, extra=sampling)
+    flow.set_amp(args.amp)
     if run.is_main:
-        print(f"benchmark | {device.type} x{run.world_size}, {images.shape[-1]} px, batch {args.batch_size}, "
-              f"L {args.levels} K {args.steps_per_level} width {args.width} | "
-              f"{common.format_rates(rates, args.batch_size * run.world_size)} | sampling: {sampling_rate:.0f} "
-              f"samples/s")
+        print(f"benchmark | {device.type} x{run.world_size}, {torch.get_num_threads()} threads, {images.shape[-1]} px, "
+              f"batch {args.batch_size}, L {args.levels} K {args.steps_per_level} width {args.width}")
+        for line in lines:
+            print(f"benchmark | {line}")
 
 
 def main(args: Args) -> None:
@@ -507,6 +516,7 @@ def train(args: Args, run: common.Run) -> None:
     channels = train_data.images.shape[1]
     num_dims = channels * size * size
     flow = Glow(channels, size, args.levels, args.steps_per_level, args.width, args.coupling == "affine").to(device)
+    common.channels_last_on_cpu(flow, device)
     flow.set_amp(args.amp)
     common.broadcast_module(flow)  # every rank starts from rank 0's weights
     optimizer = torch.optim.Adam(flow.parameters(), lr=args.lr)

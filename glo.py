@@ -500,17 +500,20 @@ def evaluate(glo: GLO, args: Args, train_images: torch.Tensor, test_images: torc
 
 
 def benchmark(glo: GLO, args: Args, batches: common.Batches, run: common.Run, count: int) -> None:
-    """Steps/s on real batches and on synthetic tensors of the same shape, and the share of step time spent
-    fetching real batches."""
+    """Steps/s on real batches and on synthetic tensors of the same shape, in float32 and under --amp side by side,
+    the share of step time spent fetching real batches, and the step's GFLOP/s against the machine's matmul rate."""
     images, ids = batches.next()
     synthetic = lambda: (torch.randint(0, 256, images.shape, dtype=torch.uint8, device=run.device),  # noqa: E731
                          torch.randperm(count, device=run.device)[:len(ids)])
-    rates = common.benchmark_training(lambda next_batch, step: train_step(glo, args, next_batch, run.device),
-                                      batches.next, synthetic, args.benchmark_steps, run.device)
+    lines = common.benchmark_in_both_precisions(lambda next_batch, step: train_step(glo, args, next_batch, run.device),
+                                                batches.next, synthetic, args, run.device,
+                                                args.batch_size * run.world_size)
     if run.is_main:
         mode = "fixed latents" if args.fixed_latents else "GLO"
-        print(f"benchmark | {mode}, {run.device.type} x{run.world_size}, {args.image_size} px, batch "
-              f"{args.batch_size}, loss {args.loss} | {common.format_rates(rates, args.batch_size * run.world_size)}")
+        print(f"benchmark | {mode}, {run.device.type} x{run.world_size}, {torch.get_num_threads()} threads, "
+              f"{args.image_size} px, batch {args.batch_size}, loss {args.loss}")
+        for line in lines:
+            print(f"benchmark | {line}")
 
 
 def main(args: Args) -> None:

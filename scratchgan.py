@@ -586,9 +586,10 @@ def evaluate(gan: ScratchGAN, data: common.TextData, layout: Tokens, args: Args,
 # ---------------------------------------------------------------------------------------------------------------
 
 def benchmark(data: common.TextData, args: Args, run: common.Run) -> None:
-    """Seconds per step with this run's flags and with each preset's (the flags --preset sets reset to it), split
-    into a separate sampling pass of G, the D update (its own sampling included) and the G update (sampling with
-    gradient, D's scores, backward), and the time of --steps steps estimated from them. Writes nothing."""
+    """Seconds per step with this run's flags and with each preset's (the flags --preset sets reset to it), in
+    float32 and under --amp side by side, split into a separate sampling pass of G, the D update (its own sampling
+    included) and the G update (sampling with gradient, D's scores, backward), the step's GFLOP/s against the
+    machine's matmul rate, and the time of --steps steps estimated from them. Writes nothing."""
     device, layout = run.device, token_layout(data)
     clock = common.Clock(device)
     configs = {"this run": args}
@@ -596,38 +597,52 @@ def benchmark(data: common.TextData, args: Args, run: common.Run) -> None:
         config = dataclasses.replace(args, preset=preset, **{k: -1 for k in PRESETS[preset]})
         if config != args:
             configs[f"{preset} preset"] = config
+
+    def one_step(gan, config, timings, counted: bool) -> None:
+        real = data.train[torch.randint(len(data.train), (config.batch_size,))].to(device)
+        clock()
+        if config.mle:
+            mle_step(gan, real, layout, config)
+            timings["g_step"] += clock() * counted
+            return
+        with torch.no_grad():
+            sample(gan.generator, config.batch_size, layout.length, layout.start, layout.end)
+        timings["sample"] += clock() * counted
+        discriminator_step(gan, real, layout, config)
+        timings["d_step"] += clock() * counted
+        generator_step(gan, layout, config)
+        timings["g_step"] += clock() * counted
+
     for label, config in configs.items():
         gan = build_scratchgan(config, data, device)
-        timings = {"sample": 0.0, "d_step": 0.0, "g_step": 0.0}
         steps = max(1, args.benchmark_steps // (10 if config.batch_size * config.g_hidden > 2 ** 16 and
                                                  device.type == "cpu" else 1))  # the paper's size is slow on a CPU
-        for index in range(steps + 1):  # the first step warms up and is not counted
-            real = data.train[torch.randint(len(data.train), (config.batch_size,))].to(device)
-            clock()
-            if config.mle:
-                mle_step(gan, real, layout, config)
-                timings["g_step"] += clock() * (index > 0)
-                continue
-            with torch.no_grad():
-                sample(gan.generator, config.batch_size, layout.length, layout.start, layout.end)
-            timings["sample"] += clock() * (index > 0)
-            discriminator_step(gan, real, layout, config)
-            timings["d_step"] += clock() * (index > 0)
-            generator_step(gan, layout, config)
-            timings["g_step"] += clock() * (index > 0)
-        per_step = {k: v / steps for k, v in timings.items()}
-        step_time = per_step["d_step"] + per_step["g_step"]
-        tokens = config.batch_size * layout.length * (1 if config.mle else 2)  # sampled (MLE: teacher-forced)
+        saved, config.amp = config.amp, False
+        flops = common.count_flops(lambda: one_step(gan, config, {"sample": 0, "d_step": 0, "g_step": 0}, False))
+        config.amp = saved
+
+        def measure() -> dict:
+            timings = {"sample": 0.0, "d_step": 0.0, "g_step": 0.0}
+            for index in range(steps + 1):  # the first step warms up and is not counted
+                one_step(gan, config, timings, index > 0)
+            per_step = {k: v / steps for k, v in timings.items()}
+            step_time = per_step["d_step"] + per_step["g_step"]
+            tokens = config.batch_size * layout.length * (1 if config.mle else 2)  # sampled (MLE: teacher-forced)
+            return {"rate": 1 / step_time,
+                    "text": f"{1 / step_time:.2f} steps/s, {tokens / step_time:,.0f} tokens/s | per step: G sampling "
+                            f"{per_step['sample']:.3f} s, D update {per_step['d_step']:.3f} s (its sampling included), "
+                            f"G update {per_step['g_step']:.3f} s | {config.steps:,} steps ~ "
+                            f"{config.steps * step_time / 3600:.2f} h without evaluations ({steps} timed steps)"}
+
+        results = common.benchmark_precisions(measure, config, device, rounds=1)
         if run.is_main:
             sizes = [sum(p.numel() for p in net.parameters()) for net in (gan.generator, gan.discriminator) if net]
             print(f"benchmark | {label}{' --mle' if config.mle else ''} | {device.type}, {torch.get_num_threads()} "
                   f"threads | {data.name}, vocab {len(data.vocab):,}, T {layout.length}, batch {config.batch_size}, "
                   f"G {config.g_layers}x{config.g_hidden} ({sizes[0]:,} params)" +
                   (f", D {config.d_hidden} ({sizes[1]:,} params)" if len(sizes) > 1 else ""))
-            print(f"benchmark | {label}: {1 / step_time:.2f} steps/s, {tokens / step_time:,.0f} tokens/s | per step: "
-                  f"G sampling {per_step['sample']:.3f} s, D update {per_step['d_step']:.3f} s (its sampling "
-                  f"included), G update {per_step['g_step']:.3f} s | {config.steps:,} steps ~ "
-                  f"{config.steps * step_time / 3600:.2f} h without evaluations ({steps} timed steps)")
+            for line in common.precision_lines(results, "rate", flops, device, lambda result: result["text"]):
+                print(f"benchmark | {label}, {line}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -733,8 +733,9 @@ class Schedule:
 
 def benchmark(gan: SeqGAN, data: common.TextData, args: Args, run: common.Run, schedule: Schedule,
               mle_batches: common.Batches, train: torch.Tensor) -> None:
-    """Steps/s of MLE, D and adversarial G steps on the configured sizes, and the time of a whole run estimated
-    from them. Writes nothing (the networks train on, in memory)."""
+    """Steps/s of MLE, D and adversarial G steps on the configured sizes, in float32 and under --amp side by side,
+    and the time of a whole run estimated from them; D's step (most of a run) also as GFLOP/s against the machine's
+    matmul rate. Writes nothing (the networks train on, in memory)."""
     device, start, length = run.device, data.start_token, data.seq_len
     clock = common.Clock(device)
 
@@ -746,40 +747,49 @@ def benchmark(gan: SeqGAN, data: common.TextData, args: Args, run: common.Run, s
             fn()
         return clock() / calls
 
-    mle = seconds_per_call(lambda: mle_step(gan, mle_batches.next()[0], start, args), args.benchmark_steps)
     clock()
     d_batches = common.Batches((discriminator_set(gan, train, start, args),), args.batch_size, args.seed, device)
     negatives = clock()
-    d_step = seconds_per_call(lambda: discriminator_step(gan, d_batches.next()[0], args), args.benchmark_steps)
-    calls, timings = max(1, args.benchmark_steps // 10), {}
-    policy_gradient_step(gan, length, start, args, {})  # warm-up
-    g_round = seconds_per_call(lambda: policy_gradient_step(gan, length, start, args, timings), calls, warmup=0)
-    split = {k: v / calls for k, v in timings.items()}
-    clock()
-    evaluate(gan, data, args, args.eval_samples if data.oracle is not None else
-             max(args.bleu_samples, args.self_bleu_samples), args.seed)
-    evaluation = clock()
+    saved, args.amp = args.amp, False
+    d_flops = common.count_flops(lambda: discriminator_step(gan, d_batches.next()[0], args))
+    args.amp = saved
 
-    d_round = negatives + schedule.d_round * d_step
-    evals = args.pretrain_epochs // args.eval_every + 1 + math.ceil(args.rounds / args.eval_every) + 1
-    final_scale = args.final_samples / args.eval_samples if data.oracle is not None else 1
-    estimate = {"MLE": schedule.phases[0][1] * mle,
-                "D pre-training": 0 if args.mle_only else args.d_pretrain_rounds * d_round,
-                "adversarial": args.rounds * (mle if args.mle_only else g_round + args.d_rounds * d_round),
-                "evaluation": (evals + final_scale) * evaluation}
+    def measure() -> dict:
+        d_step = seconds_per_call(lambda: discriminator_step(gan, d_batches.next()[0], args), args.benchmark_steps)
+        mle = seconds_per_call(lambda: mle_step(gan, mle_batches.next()[0], start, args), args.benchmark_steps)
+        calls, timings = max(1, args.benchmark_steps // 10), {}
+        policy_gradient_step(gan, length, start, args, {})  # warm-up
+        g_round = seconds_per_call(lambda: policy_gradient_step(gan, length, start, args, timings), calls, warmup=0)
+        split = {k: v / calls for k, v in timings.items()}
+        clock()
+        evaluate(gan, data, args, args.eval_samples if data.oracle is not None else
+                 max(args.bleu_samples, args.self_bleu_samples), args.seed)
+        evaluation = clock()
+        d_round = negatives + schedule.d_round * d_step
+        evals = args.pretrain_epochs // args.eval_every + 1 + math.ceil(args.rounds / args.eval_every) + 1
+        final_scale = args.final_samples / args.eval_samples if data.oracle is not None else 1
+        estimate = {"MLE": schedule.phases[0][1] * mle,
+                    "D pre-training": 0 if args.mle_only else args.d_pretrain_rounds * d_round,
+                    "adversarial": args.rounds * (mle if args.mle_only else g_round + args.d_rounds * d_round),
+                    "evaluation": (evals + final_scale) * evaluation}
+        minutes = lambda seconds: f"{seconds / 60:.1f} min"  # noqa: E731
+        text = (f"MLE {1 / mle:.1f} steps/s | D {1 / d_step:.1f} steps/s, one D epoch "
+                f"({schedule.d_steps_per_epoch} steps) {schedule.d_steps_per_epoch * d_step:.1f} s | adversarial G "
+                f"step {1 / g_round:.3f} steps/s ({g_round:.2f} s: rollouts {split.get('time/rollout', 0):.2f} s, "
+                f"D scoring {split.get('time/d_score', 0):.2f} s, G update {split.get('time/g_step', 0):.2f} s; "
+                f"{args.rollouts} rollouts) | one evaluation {evaluation:.2f} s | estimated run: " +
+                ", ".join(f"{k} {minutes(v)}" for k, v in estimate.items()) +
+                f", total {minutes(sum(estimate.values()))}")
+        return {"d_rate": 1 / d_step, "text": text}
+
+    results = common.benchmark_precisions(measure, args, device, rounds=1)
     if run.is_main:
         print(f"benchmark | {device.type}, {torch.get_num_threads()} threads | {data.name}, vocab {len(data.vocab)}, "
               f"T {length}, batch {args.batch_size} | D {sum(p.numel() for p in gan.discriminator.parameters()):,} "
-              f"params, G {sum(p.numel() for p in gan.generator.parameters()):,}")
-        print(f"benchmark | MLE {1 / mle:.1f} steps/s | D {1 / d_step:.1f} steps/s, one D epoch "
-              f"({schedule.d_steps_per_epoch} steps) {schedule.d_steps_per_epoch * d_step:.1f} s, drawing "
-              f"{min(args.d_samples, len(train)):,} samples {negatives:.2f} s | adversarial G step "
-              f"{1 / g_round:.3f} steps/s ({g_round:.2f} s: rollouts {split.get('time/rollout', 0):.2f} s, "
-              f"D scoring {split.get('time/d_score', 0):.2f} s, G update {split.get('time/g_step', 0):.2f} s; "
-              f"{args.rollouts} rollouts) | one evaluation {evaluation:.2f} s")
-        minutes = lambda seconds: f"{seconds / 60:.1f} min"  # noqa: E731
-        print("benchmark | estimated run: " + ", ".join(f"{k} {minutes(v)}" for k, v in estimate.items()) +
-              f", total {minutes(sum(estimate.values()))}")
+              f"params, G {sum(p.numel() for p in gan.generator.parameters()):,} | drawing "
+              f"{min(args.d_samples, len(train)):,} negatives {negatives:.2f} s")
+        for line in common.precision_lines(results, "d_rate", d_flops, device, lambda result: result["text"]):
+            print(f"benchmark | {line.replace(' GFLOP per step', ' GFLOP per D step')}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -525,32 +525,40 @@ def evaluate(model: VAE, x: torch.Tensor, k: int, args: Args, prefix: str = "eva
 
 
 def benchmark(trainer: Trainer, args: Args, data: TrainingData, run: common.Run, planned_steps: int) -> None:
-    """Training steps/s on real (freshly binarised) batches and on synthetic tensors of the same shape, the share
-    of step time spent preparing real batches, and the rates of sampling and of the importance-weighted evaluation."""
+    """Training steps/s on real (freshly binarised) batches and on synthetic tensors of the same shape, in float32
+    and under --amp side by side, the share of step time spent preparing real batches, the step's GFLOP/s against
+    the machine's matmul rate, and the rates of sampling and of the importance-weighted evaluation (both run in float32
+    under either precision, as in a run)."""
     device = run.device
     shape = data.next().shape
     high = 2 if args.decoder_likelihood() == "bernoulli" else 256
-    rates = common.benchmark_training(
+    model = trainer.model
+
+    def sampling_and_evaluation():
+        z = torch.randn(1000, args.z_dim, device=device)
+        decode_means(model, z)  # float32, as the run draws its samples
+        clock = common.Clock(device)
+        decode_means(model, z)
+        sample_rate = len(z) / clock()
+        x = torch.randint(0, high, (max(1, args.eval_rows // 1000), *shape[1:]), device=device).float()
+        generator = torch.Generator(device=device).manual_seed(0)
+        importance_weighted_bounds(model, x, 1000, args.eval_rows, generator)
+        clock()
+        importance_weighted_bounds(model, x, 1000, args.eval_rows, generator)
+        iw_rate = len(x) * 1000 / clock()
+        return (f"sampling (float32): {sample_rate:.0f} samples/s | IW evaluation (float32): {iw_rate:.0f} importance "
+                f"samples/s ({10_000 * 5000 / iw_rate / 60:.1f} min for k = 5000 on 10,000 images)")
+
+    lines = common.benchmark_in_both_precisions(
         lambda next_batch, step: train_step(trainer, args, next_batch(), step, planned_steps), data.next,
-        lambda: torch.randint(0, high, shape, device=device).float(), args.benchmark_steps, device)
-    model, clock = trainer.model, common.Clock(device)
-    z = torch.randn(1000, args.z_dim, device=device)
-    decode_means(model, z)
-    clock()
-    decode_means(model, z)
-    sample_rate = len(z) / clock()
-    x = torch.randint(0, high, (max(1, args.eval_rows // 1000), *shape[1:]), device=device).float()
-    generator = torch.Generator(device=device).manual_seed(0)
-    importance_weighted_bounds(model, x, 1000, args.eval_rows, generator)
-    clock()
-    importance_weighted_bounds(model, x, 1000, args.eval_rows, generator)
-    iw_rate = len(x) * 1000 / clock()
+        lambda: torch.randint(0, high, shape, device=device).float(), args, device, args.batch_size * run.world_size,
+        extra=sampling_and_evaluation)
     if run.is_main:
         iw = f", iw-train {args.iw_train}" if args.iw_train > 1 else ""
-        print(f"benchmark | {device.type} x{run.world_size}, {args.arch}, {args.decoder_likelihood()}, batch "
-              f"{args.batch_size}{iw} | {common.format_rates(rates, args.batch_size * run.world_size)} | "
-              f"sampling: {sample_rate:.0f} samples/s | IW evaluation: {iw_rate:.0f} importance samples/s "
-              f"({10_000 * 5000 / iw_rate / 60:.1f} min for k = 5000 on 10,000 images)")
+        print(f"benchmark | {device.type} x{run.world_size}, {torch.get_num_threads()} threads, {args.arch}, "
+              f"{args.decoder_likelihood()}, batch {args.batch_size}{iw}")
+        for line in lines:
+            print(f"benchmark | {line}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -311,7 +311,10 @@ def test_a_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tin
 
 def test_benchmark_prints_rates_and_writes_nothing(tiny_data_dir, tmp_path, capsys):
     flow.main(tiny_args(tiny_data_dir, tmp_path / "bench", benchmark=True, benchmark_steps=2, eval_batch=8))
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    assert ("bf16 (--amp):" in out) == common.bf16_supported(torch.device("cpu")) and "float32:" in out
+    assert "GFLOP per step" in out and "matmul" in out
     assert last.startswith("benchmark |") and "real data:" in last and "synthetic:" in last
     assert "steps/s" in last and "images/s" in last and "samples/s" in last and "% of step time" in last
     assert not (tmp_path / "bench").exists()

@@ -236,7 +236,10 @@ def test_resume_equals_an_uninterrupted_run(flags, tiny_data_dir, tmp_path):
 
 def test_benchmark_prints_rates_and_writes_nothing(tiny_data_dir, tmp_path, capsys):
     glo.main(tiny_args(tiny_data_dir, tmp_path / "bench", benchmark=True, benchmark_steps=2))
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    assert ("bf16 (--amp):" in out) == common.bf16_supported(torch.device("cpu")) and "float32:" in out
+    assert "GFLOP per step" in out and "matmul" in out
     assert last.startswith("benchmark |") and "real data:" in last and "synthetic:" in last
     assert "steps/s" in last and "% of step time" in last and not (tmp_path / "bench").exists()
 

@@ -6,6 +6,7 @@ fails the test on any operation whose result is a float64 tensor off the CPU. Th
 common.to_host_float64, copies to the CPU, which a meta tensor cannot do, so it is replaced by random values of
 the right shape on the CPU: the test then follows the real code path past it."""
 
+import json
 import math
 
 import numpy as np
@@ -135,7 +136,8 @@ def test_dcgan_training_step_and_sampling(accelerator):
 
 @pytest.fixture()
 def cpu_autocast(monkeypatch):
-    """--amp's bf16 autocast, which common.autocast gives on CUDA only, here on the CPU."""
+    """--amp's bf16 autocast on the CPU, forced even where common.autocast would refuse it (a CPU without bf16
+    instructions emulates it), so that these tests mean the same on every machine."""
     monkeypatch.setattr(common, "autocast", lambda device, enabled: torch.autocast("cpu", dtype=torch.bfloat16)
                         if enabled else torch.autocast("cpu", enabled=False))
 
@@ -179,3 +181,108 @@ def test_oracle_and_nll_test_stay_float32():
     assert all(v.dtype == torch.float32 for v in oracle.p.values())
     assert oracle.nll(torch.zeros(2, 20, dtype=torch.long)).dtype == torch.float64  # summed in float64, on the CPU
     assert np.isfinite(oracle.nll(torch.zeros(2, 20, dtype=torch.long)).numpy()).all()
+
+
+def oracle_data(length: int = 6, vocab: int = 12) -> common.TextData:
+    oracle = common.SeqGANOracle.random(0, vocab=vocab, dim=4)
+    sequences = torch.randint(vocab, (40, length), generator=torch.Generator().manual_seed(1))
+    return common.TextData(sequences[:32], sequences[32:], common.Vocabulary([str(i) for i in range(vocab)],
+                                                                                  specials=False),
+                           0, "oracle", [], oracle=oracle)
+
+
+@pytest.mark.parametrize("model", ["seqgan_rl", "scratchgan"])
+def test_text_evaluation_ignores_amp(cpu_autocast, model):
+    """NLL-oracle and NLL-test, and the samples they come from, are the same numbers with and without --amp; the
+    same evaluation inside the bf16 region gives other numbers, so the equality means it stays outside."""
+    torch.manual_seed(0)
+    data = oracle_data()
+    if model == "seqgan_rl":
+        args = seqgan_rl.Args(device="cpu", emb_dim=8, hidden_dim=8, d_emb_dim=8, d_filter_counts=",".join(["2"] * 12))
+        gan = seqgan_rl.build_seqgan(args, len(data.vocab), data.seq_len, torch.device("cpu"))
+        evaluate = lambda: seqgan_rl.evaluate(gan, data, args, 64, seed=3)  # noqa: E731
+    else:
+        args = scratchgan.Args(device="cpu", dataset="oracle", g_hidden=8, d_hidden=8, emb_dim=8)
+        gan = scratchgan.build_scratchgan(args, data, torch.device("cpu"))
+        evaluate = lambda: scratchgan.evaluate(gan, data, scratchgan.token_layout(data), args, 64, seed=3)  # noqa
+    results = []
+    for amp in (True, False):
+        args.amp = amp
+        metrics, samples = evaluate()
+        results.append(({k: v for k, v in metrics.items() if k.startswith("eval/nll")}, samples))
+    assert set(results[0][0]) >= {"eval/nll_oracle", "eval/nll_test"}
+    assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
+    with common.autocast(torch.device("cpu"), True):
+        inside = evaluate()[0]
+    assert inside["eval/nll_test"] != results[1][0]["eval/nll_test"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --amp on the CPU: bf16 where the processor has it, float32 with a notice where not
+# ---------------------------------------------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("model", ["dcgan", "vae", "flow", "glo", "seqgan_rl", "scratchgan"])
+def test_every_model_trains_a_few_steps_with_amp_on_the_cpu(model, tiny_data_dir, corpus, tmp_path, capsys):
+    import test_dcgan, test_flow, test_glo, test_scratchgan, test_seqgan_rl, test_vae
+    module, out = {"dcgan": dcgan, "vae": vae, "flow": flow, "glo": glo, "seqgan_rl": seqgan_rl,
+                   "scratchgan": scratchgan}[model], tmp_path / "run"
+    if model in ("seqgan_rl", "scratchgan"):
+        tiny = (test_seqgan_rl if model == "seqgan_rl" else test_scratchgan).TINY
+        args = module.Args(**{**tiny, "dataset": f"file:{corpus}", "out": str(out), "amp": True})
+    else:
+        tests = {"dcgan": test_dcgan, "vae": test_vae, "flow": test_flow, "glo": test_glo}[model]
+        args = tests.tiny_args(tiny_data_dir, out, amp=True)
+    module.main(args)
+    config = json.loads((out / "config.json").read_text())
+    assert config["args"]["amp"] == common.bf16_supported(CPU)  # what ran, recorded
+    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final.get("final") and all(math.isfinite(v) for v in final.values() if isinstance(v, float))
+    notice = "--amp needs bf16 arithmetic" in capsys.readouterr().err
+    assert notice != common.bf16_supported(CPU)
+
+
+def test_amp_without_bf16_falls_back_to_float32_with_one_notice(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(common, "bf16_supported", lambda device: False)
+    args = dcgan.Args(device="cpu", amp=True, out=str(tmp_path / "run"))
+    common.setup(args, "dcgan")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--amp needs bf16 arithmetic" in err[0] and "running in float32" in err[0]
+    assert args.amp is False and json.loads((tmp_path / "run" / "config.json").read_text())["args"]["amp"] is False
+    with common.autocast(CPU, args.amp):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_autocast_runs_products_in_bf16_on_a_cpu_that_has_it(monkeypatch):
+    monkeypatch.setattr(common, "bf16_supported", lambda device: True)
+    with common.autocast(CPU, True):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with common.autocast(CPU, False):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_benchmark_alternates_precisions_keeps_the_fastest_round_and_restores_amp(monkeypatch):
+    monkeypatch.setattr(common, "bf16_supported", lambda device: True)
+    args, seen, rates = dcgan.Args(amp=False), [], iter([1.0, 4.0, 3.0, 2.0])
+
+    def measure():
+        seen.append(args.amp)
+        return {"rate": next(rates), "round": len(seen)}
+
+    results = common.benchmark_precisions(measure, args, CPU, rounds=2)
+    assert seen == [False, True, False, True] and args.amp is False
+    assert results == {"float32": {"rate": 3.0, "round": 3}, "bf16": {"rate": 4.0, "round": 2}}
+    monkeypatch.setattr(common, "_MATMUL_RATES", {("cpu", "float32", 2048): 100.0, ("cpu", "bf16", 2048): 400.0})
+    lines = common.precision_lines(results, "rate", 10 ** 10, CPU, lambda r: f"round {r['round']}")
+    assert lines[0].startswith("float32: round 3") and "10.0 GFLOP per step, 30 GFLOP/s = 30% of" in lines[0]
+    assert lines[1].startswith("bf16 (--amp): round 2") and "40 GFLOP/s = 10% of" in lines[1]
+    assert lines[1].endswith("1.33x float32")
+    monkeypatch.setattr(common, "bf16_supported", lambda device: False)
+    assert list(common.benchmark_precisions(lambda: {"rate": 1.0}, args, CPU)) == ["float32"]
+
+
+def test_flops_counted_for_a_known_product():
+    a, b = torch.ones(8, 16), torch.ones(16, 4)
+    assert common.count_flops(lambda: a @ b) == 2 * 8 * 16 * 4

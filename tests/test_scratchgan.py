@@ -370,10 +370,16 @@ def test_benchmark_times_both_presets_and_writes_nothing(corpus, tmp_path, capsy
     S.main(S.Args(**{**TINY, "dataset": f"file:{corpus}", "out": str(tmp_path / "bench"), "benchmark": True,
                      "benchmark_steps": 1}))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("benchmark |")]
-    assert len(lines) == 6 and "this run" in lines[0] and "paper preset" in lines[2] and "cpu preset" in lines[4]
-    assert "batch 32, G 2x16" in lines[2] and "batch 128, G 2x128" in lines[4]
-    assert all("steps/s" in line and "G sampling" in line and "D update" in line and "steps ~" in line
-               for line in lines[1::2])
+    precisions = ["float32"] + (["bf16 (--amp)"] if common.bf16_supported(torch.device("cpu")) else [])
+    per_config = 1 + len(precisions)
+    headers = lines[::per_config]
+    assert len(lines) == 3 * per_config and "this run" in headers[0] and "paper preset" in headers[1]
+    assert "cpu preset" in headers[2] and "batch 32, G 2x16" in headers[1] and "batch 128, G 2x128" in headers[2]
+    for at, header in enumerate(headers):
+        label = header.split(" | ")[1].split(" --mle")[0]
+        for line, precision in zip(lines[at * per_config + 1:(at + 1) * per_config], precisions):
+            assert line.startswith(f"benchmark | {label}, {precision}: ") and "steps/s" in line
+            assert "G sampling" in line and "D update" in line and "steps ~" in line and "GFLOP per step" in line
     assert not (tmp_path / "bench").exists()
 
 

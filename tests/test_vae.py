@@ -374,7 +374,10 @@ def test_resume_equals_an_uninterrupted_run(flags, tiny_data_dir, tmp_path):
 
 def test_benchmark_prints_rates_and_writes_nothing(tiny_data_dir, tmp_path, capsys):
     vae.main(tiny_args(tiny_data_dir, tmp_path / "bench", benchmark=True, benchmark_steps=2, eval_rows=2000))
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    assert ("bf16 (--amp):" in out) == common.bf16_supported(torch.device("cpu")) and "float32:" in out
+    assert "GFLOP per step" in out and "matmul" in out
     assert last.startswith("benchmark |") and "real data:" in last and "synthetic:" in last
     assert "samples/s" in last and "importance samples/s" in last
     assert not (tmp_path / "bench").exists()
