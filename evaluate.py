@@ -742,12 +742,17 @@ def text_comparison(records: list, dataset: str, args: Args, device, out: Path) 
     scorer = TextScorer(dataset, args, device, oracle, oracle_seed)
     is_oracle = scorer.data.oracle is not None
     rows, curves = [], {}
+    # what a cached row depends on: the LM (its recipe and code), the scoring code, the oracle and the settings
+    code = inspect.getsource(TextScorer.score) + inspect.getsource(mean_token_nll) + inspect.getsource(common.bleu)
+    setting = [lm_key(dataset, scorer.recipe), hashlib.sha256(code.encode()).hexdigest()[:12], oracle, oracle_seed,
+               args.text_samples, args.bleu_samples, args.self_bleu_samples]
     for r in records:
         own = {"nll_test": r.final["eval/nll_test"]} if "eval/nll_test" in r.final else {}
-        rows.append({"run": r.name, "model": r.model, "command": r.command,
-                     **scorer.score(r.lines, str(r.path / "samples.txt")), **own})
+        scores = cached_scores(r.path, setting, lambda: scorer.score(r.lines, str(r.path / "samples.txt")),
+                               "samples.txt")
+        rows.append({"run": r.name, "model": r.model, "command": r.command, **scores, **own})
         for temperature, path in temperature_files(r.path):
-            scores = scorer.score(read_samples(path), str(path))
+            scores = cached_scores(r.path, setting, lambda: scorer.score(read_samples(path), str(path)), path.name)
             rows.append({"run": f"{r.name} at T = {temperature:g}", "model": r.model, "command": r.command,
                          "temperature": temperature, **scores})
             if not is_oracle:
@@ -892,13 +897,15 @@ def trick_plan(args: Args) -> list:
             for seed in range(args.seeds)]
 
 
-def cached_scores(folder: Path, setting: list, compute) -> dict:
-    """A run's scores from <run>/evaluate-scores.json when they were computed with the same classifier, settings and
-    samples.npz (its size and modification time), else computed and saved there: a table of 36 runs is scored once,
-    not at every call."""
-    samples = (folder / "samples.npz").stat()
-    stamp = {"setting": setting, "samples": [samples.st_size, samples.st_mtime_ns]}
-    path = folder / "evaluate-scores.json"
+def cached_scores(folder: Path, setting: list, compute, samples: str = "samples.npz") -> dict:
+    """A run's scores of its file `samples` from <run>/evaluate-scores-<stem>.json (evaluate-scores.json for
+    samples.npz) when they were computed with the same networks, settings and samples file (its size and
+    modification time), else computed and saved there: a table of 36 runs, or a text table whose reverse language
+    models take minutes each, is scored once, not at every call. A folder that cannot be written is scored anyway."""
+    stat = (folder / samples).stat()
+    stamp = {"setting": setting, "samples": [stat.st_size, stat.st_mtime_ns]}
+    path = folder / ("evaluate-scores.json" if samples == "samples.npz" else
+                     f"evaluate-scores-{Path(samples).stem}.json")
     try:
         saved = json.loads(path.read_text())
         if {k: saved.get(k) for k in stamp} == stamp:
@@ -906,7 +913,10 @@ def cached_scores(folder: Path, setting: list, compute) -> dict:
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         pass
     scores = compute()
-    common.atomic_write_bytes(path, json.dumps({**stamp, "scores": scores}).encode())
+    try:
+        common.atomic_write_bytes(path, json.dumps({**stamp, "scores": scores}).encode())
+    except OSError:
+        pass
     return scores
 
 
