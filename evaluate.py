@@ -757,10 +757,15 @@ def text_comparison(records: list, dataset: str, args: Args, device, out: Path) 
                          "temperature": temperature, **scores})
             if not is_oracle:
                 curves.setdefault(r.name, []).append((scores["reverse_lm_score"], scores["lm_score"]))
-    for name, lines in scorer.references(args.text_samples).items():
+    references = scorer.references(args.text_samples)  # drawn with --seed: cached beside the LM
+    reference_scores = cached_json(
+        Path(args.data_dir) / "evaluate-cache" / f"text-references-{slug(dataset)}.json",
+        {"setting": setting + [args.seed]},
+        lambda: {name: scorer.score(lines, name, reference=True) for name, lines in references.items()})
+    for name, lines in references.items():
         label = name if len(lines) == args.text_samples else f"{name}, {len(lines):,} of them"
         rows.append({"run": label, "model": "reference", "command": "", "samples": len(lines),
-                     **scorer.score(lines, name, reference=True)})
+                     **reference_scores[name]})
     if not is_oracle:
         points = {r["run"]: [(r["reverse_lm_score"], r["lm_score"])] for r in rows if "temperature" not in r}
         common.plot_series({**points, **{f"{k} (T sweep)": v for k, v in curves.items()}}, out / "comparison.png",
@@ -897,15 +902,9 @@ def trick_plan(args: Args) -> list:
             for seed in range(args.seeds)]
 
 
-def cached_scores(folder: Path, setting: list, compute, samples: str = "samples.npz") -> dict:
-    """A run's scores of its file `samples` from <run>/evaluate-scores-<stem>.json (evaluate-scores.json for
-    samples.npz) when they were computed with the same networks, settings and samples file (its size and
-    modification time), else computed and saved there: a table of 36 runs, or a text table whose reverse language
-    models take minutes each, is scored once, not at every call. A folder that cannot be written is scored anyway."""
-    stat = (folder / samples).stat()
-    stamp = {"setting": setting, "samples": [stat.st_size, stat.st_mtime_ns]}
-    path = folder / ("evaluate-scores.json" if samples == "samples.npz" else
-                     f"evaluate-scores-{Path(samples).stem}.json")
+def cached_json(path: Path, stamp: dict, compute) -> dict:
+    """compute()'s result from the JSON file `path` when it was saved with the same `stamp`, else computed and
+    saved there; a folder that cannot be written only costs computing it again next time."""
     try:
         saved = json.loads(path.read_text())
         if {k: saved.get(k) for k in stamp} == stamp:
@@ -914,10 +913,21 @@ def cached_scores(folder: Path, setting: list, compute, samples: str = "samples.
         pass
     scores = compute()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         common.atomic_write_bytes(path, json.dumps({**stamp, "scores": scores}).encode())
     except OSError:
         pass
     return scores
+
+
+def cached_scores(folder: Path, setting: list, compute, samples: str = "samples.npz") -> dict:
+    """A run's scores of its file `samples`, cached in <run>/evaluate-scores-<stem>.json (evaluate-scores.json for
+    samples.npz) under the networks and settings that computed them and the samples file's size and modification
+    time: a table of 36 runs, or a text table whose reverse language models take minutes each, is scored once."""
+    stat = (folder / samples).stat()
+    path = folder / ("evaluate-scores.json" if samples == "samples.npz" else
+                     f"evaluate-scores-{Path(samples).stem}.json")
+    return cached_json(path, {"setting": setting, "samples": [stat.st_size, stat.st_mtime_ns]}, compute)
 
 
 def slug(name: str) -> str:
