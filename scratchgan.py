@@ -661,6 +661,17 @@ def load_data(args: Args, device: torch.device) -> common.TextData:
                                     device)
 
 
+def selection_metric(data: common.TextData) -> typing.Optional[str]:
+    """The validation metric by which the best checkpoint is kept (lower is better): G's NLL on the validation
+    split where the source has one (emnlp2017: valid.json, on which the paper evaluates), NLL-oracle on the oracle
+    (fresh samples, no held-out data involved). The official train() keeps no best checkpoint (it exports one every
+    1,000 steps for a separate evaluation job); other real text has no validation split, and selecting on the test
+    split would leak it into the result, so none is kept there."""
+    if data.oracle is not None:
+        return "eval/nll_oracle"
+    return "eval/nll_valid" if data.valid is not None else None
+
+
 def train(args: Args, run: common.Run) -> None:
     device = run.device
     if run.world_size > 1:
@@ -675,14 +686,18 @@ def train(args: Args, run: common.Run) -> None:
     batches = common.Batches((data.train,), args.batch_size, args.seed, device, what="sequences")
     total_steps = min(args.steps, args.max_steps or args.steps)
 
+    selection = selection_metric(data)
+    best = {"metric": selection, "value": math.inf, "step": None}  # best.pt: the best evaluation so far
+
     def load_state(checkpoint):
         common.load_state_dicts(vars(gan), checkpoint["scratchgan"])
         batches.load_state_dict(checkpoint["batches"])
+        best.update(checkpoint.get("best", {}))
 
     step = common.resume(args, run, load_state)["step"] if args.resume else 0
     checkpoints = common.Checkpoints(run, "scratchgan.py", "a lower --lr-g or --lr-d", step if args.resume else None)
     state = lambda: {"args": dataclasses.asdict(args), "scratchgan": common.state_dicts(vars(gan)),  # noqa: E731
-                     "batches": batches.state_dict()}
+                     "batches": batches.state_dict(), "best": dict(best)}
     networks = [net for net in (gan.generator, gan.discriminator) if net is not None]
     logger = common.MetricsLogger(run.out, total_steps, run.is_main, start_step=step, console_keys=(
         "loss/g", "loss/g_mle", "reward/mean", "reward/baseline", "loss/d", "d/real", "d/fake", "eval/nll_oracle",
@@ -691,11 +706,18 @@ def train(args: Args, run: common.Run) -> None:
                       for name, net in zip("GD", networks))
     logger.print(f"scratchgan{' --mle' if args.mle else ''} | {data.name}: {len(data.train):,} train / "
                  f"{len(data.test):,} test sequences of {layout.length} tokens, vocab {len(data.vocab):,} | {sizes} | "
-                 f"{device} | {total_steps:,} of {args.steps:,} steps, batch {args.batch_size} | out {run.out}")
+                 f"{device} | {total_steps:,} of {args.steps:,} steps, batch {args.batch_size} | out {run.out} | " +
+                 (f"best.pt kept by {selection.removeprefix('eval/')}" if selection else
+                  "no validation split, so no best.pt (selecting on the test split would leak it)"))
 
     def evaluation(at: int) -> dict:
         count = args.eval_samples if data.oracle is not None else max(args.bleu_samples, args.self_bleu_samples)
-        return evaluate(gan, data, layout, args, count, args.seed * 1_000_003 + 17 + at)[0]
+        metrics = evaluate(gan, data, layout, args, count, args.seed * 1_000_003 + 17 + at)[0]
+        if selection and metrics[selection] < best["value"]:  # the untrained G counts: a GAN can only get worse
+            best.update(value=metrics[selection], step=at)
+            if run.is_main:
+                common.save_checkpoint(run.out / "best.pt", {"step": at, **state()})
+        return metrics
 
     if step == 0 and total_steps > 0:
         logger.log(0, evaluation(0))  # the untrained generator
@@ -721,11 +743,11 @@ def train(args: Args, run: common.Run) -> None:
             if stop(device):
                 checkpoints.stop(step, state(), networks)
     checkpoints.save(step, state(), networks)
-    write_results(gan, data, layout, args, run, logger, step)
+    write_results(gan, data, layout, args, run, logger, step, best)
 
 
 def write_results(gan: ScratchGAN, data: common.TextData, layout: Tokens, args: Args, run: common.Run,
-                  logger: common.MetricsLogger, step: int) -> None:
+                  logger: common.MetricsLogger, step: int, best: dict) -> None:
     """samples.txt and the final evaluation at temperature 1 (100,000 samples on the oracle, as seqgan_rl.py), then
     at each --eval-temperatures T: its metrics (keys eval_T<T>/...) and samples_T<T>.txt; loss.png."""
     count = args.final_samples if data.oracle is not None else \
@@ -738,10 +760,14 @@ def write_results(gan: ScratchGAN, data: common.TextData, layout: Tokens, args: 
         metrics.update({k.replace("eval/", f"eval_T{temperature:g}/"): v for k, v in tempered.items()})
         common.write_text_samples(run.out / f"samples_T{temperature:g}.txt",
                                   common.sample_lines(data, tempered_samples[:args.num_samples]))
+    if best["step"] is not None:
+        metrics["best/step"], metrics[f"best/{best['metric'].removeprefix('eval/')}"] = best["step"], best["value"]
     logger.log_eval(step, metrics)
     common.plot_metrics(run.out / "metrics.jsonl", run.out / "loss.png", ("loss/", "reward/"),
                         f"scratchgan {data.name}{' --mle' if args.mle else ''}")
-    logger.print(f"done: {run.out} (samples.txt, loss.png, metrics.jsonl, checkpoint.pt)")
+    kept = f", best.pt (step {best['step']:,}: {best['metric'].removeprefix('eval/')} {best['value']:.3f})" \
+        if best["step"] is not None else ""
+    logger.print(f"done: {run.out} (samples.txt, loss.png, metrics.jsonl, checkpoint.pt{kept})")
 
 
 if __name__ == "__main__":

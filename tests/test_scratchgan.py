@@ -327,6 +327,39 @@ def test_an_oracle_run_writes_every_output(small_oracle, tmp_path):
     assert len(samples) == 20 and all(len(line.split()) == 20 for line in samples)
 
 
+def test_best_pt_holds_the_generator_of_the_best_evaluation(small_oracle, tmp_path):
+    """best.pt is the checkpoint of the evaluation with the lowest NLL-oracle (step 0's untrained G included), and
+    its weights reproduce that figure; the whole split and the resumed split agree on it."""
+    flags = {**TINY, "dataset": "oracle", "oracle": "random", "steps": 8, "eval_every": 2, "lr_g": 3e-2}
+    out = tmp_path / "run"
+    S.main(S.Args(**flags, out=str(out)))
+    lines = metrics_lines(out)
+    evaluations = [(r["eval/nll_oracle"], r["step"]) for r in lines if "eval/nll_oracle" in r and not r.get("final")]
+    assert [step for _, step in evaluations] == [0, 2, 4, 6, 8]
+    value, step = min(evaluations)
+    final = lines[-1]
+    assert final["best/step"] == step and final["best/nll_oracle"] == pytest.approx(value, rel=1e-6)
+    kept = common.load_checkpoint(out / "best.pt")
+    assert kept["step"] == step and kept["best"]["step"] == step and kept["best"]["metric"] == "eval/nll_oracle"
+    assert kept["best"]["value"] == pytest.approx(value, rel=1e-6)
+    args = S.Args(**flags)
+    data = S.load_data(args, torch.device("cpu"))
+    gan = S.build_scratchgan(args, data, torch.device("cpu"))
+    common.load_state_dicts(vars(gan), kept["scratchgan"])
+    again = S.evaluate(gan, data, S.token_layout(data), args, args.eval_samples, args.seed * 1_000_003 + 17 + step)
+    assert again[0]["eval/nll_oracle"] == kept["best"]["value"]
+    S.main(S.Args(**flags, out=str(tmp_path / "split"), max_steps=step + 1 if step < 8 else 3))  # after the best
+    S.main(S.Args(**flags, out=str(tmp_path / "split"), resume=str(tmp_path / "split")))
+    assert metrics_lines(tmp_path / "split")[-1]["best/step"] == step
+
+
+def test_no_best_pt_without_a_validation_split(corpus, tmp_path, capsys):
+    out = tmp_path / "text"
+    S.main(S.Args(**{**TINY, "dataset": f"file:{corpus}", "out": str(out)}))
+    assert not (out / "best.pt").exists() and "best/step" not in metrics_lines(out)[-1]
+    assert "no validation split, so no best.pt" in capsys.readouterr().out
+
+
 def test_a_text_run_reports_bleu_per_temperature_and_decodes_sentences(corpus, tmp_path):
     out = tmp_path / "text"
     S.main(S.Args(**{**TINY, "dataset": f"file:{corpus}", "out": str(out), "eval_temperatures": "0.5,2"}))
