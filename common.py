@@ -392,8 +392,8 @@ def bf16_supported(device: torch.device) -> bool:
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on CUDA or the CPU when enabled (`setup` has turned --amp off where bf16 is not supported);
     otherwise a no-op context. bf16 keeps float32's exponent range, so it needs no loss scaling (no GradScaler).
-    Autocast runs matrix products and convolutions in bf16 and the ops it lists as precision-sensitive (losses,
-    softmax, norms of sums) in float32; each model file casts its likelihood terms to float32 itself as well."""
+    Autocast runs matrix products and convolutions in bf16 and keeps the ops it lists as precision-sensitive (the
+    losses, linear algebra) in float32; each model file casts its likelihood terms to float32 itself as well."""
     if enabled and device.type in ("cuda", "cpu"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
