@@ -713,7 +713,10 @@ def train(args: Args, run: common.Run) -> None:
     def evaluation(at: int) -> dict:
         count = args.eval_samples if data.oracle is not None else max(args.bleu_samples, args.self_bleu_samples)
         metrics = evaluate(gan, data, layout, args, count, args.seed * 1_000_003 + 17 + at)[0]
-        if selection and metrics[selection] < best["value"]:  # the untrained G counts: a GAN can only get worse
+        # only the evaluations of the --eval-every grid (step 0's untrained G included: a GAN can get worse) and of
+        # the last step compete, so that a run stopped and resumed elsewhere keeps the same best.pt
+        on_grid = at % args.eval_every == 0 or at == args.steps
+        if selection and on_grid and metrics[selection] < best["value"]:
             best.update(value=metrics[selection], step=at)
             if run.is_main:
                 common.save_checkpoint(run.out / "best.pt", {"step": at, **state()})
