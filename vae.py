@@ -551,14 +551,14 @@ def benchmark(trainer: Trainer, args: Args, data: TrainingData, run: common.Run,
 
     lines = common.benchmark_in_both_precisions(
         lambda next_batch, step: train_step(trainer, args, next_batch(), step, planned_steps), data.next,
-        lambda: torch.randint(0, high, shape, device=device).float(), args, device, args.batch_size * run.world_size,
-        extra=sampling_and_evaluation)
+        lambda: torch.randint(0, high, shape, device=device).float(), args, device, args.batch_size * run.world_size)
+    float32_rates = sampling_and_evaluation()  # float32 under either precision: measured once, not per round
     if run.is_main:
         iw = f", iw-train {args.iw_train}" if args.iw_train > 1 else ""
         print(f"benchmark | {device.type} x{run.world_size}, {torch.get_num_threads()} threads, {args.arch}, "
               f"{args.decoder_likelihood()}, batch {args.batch_size}{iw}")
         for line in lines:
-            print(f"benchmark | {line}")
+            print(f"benchmark | {line} | {float32_rates}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
