@@ -751,8 +751,12 @@ def text_comparison(records: list, dataset: str, args: Args, device, out: Path) 
         scores = cached_scores(r.path, setting, lambda: scorer.score(r.lines, str(r.path / "samples.txt")),
                                "samples.txt")
         rows.append({"run": r.name, "model": r.model, "command": r.command, **scores, **own})
+        base_scores, base_bytes = scores, (r.path / "samples.txt").read_bytes()
         for temperature, path in temperature_files(r.path):
-            scores = cached_scores(r.path, setting, lambda: scorer.score(read_samples(path), str(path)), path.name)
+            # scratchgan.py's samples at T = 1 are samples.txt again (the same draws): scored once, not twice,
+            # since each score trains a reverse LM
+            scores = base_scores if path.read_bytes() == base_bytes else cached_scores(
+                r.path, setting, lambda: scorer.score(read_samples(path), str(path)), path.name)
             rows.append({"run": f"{r.name} at T = {temperature:g}", "model": r.model, "command": r.command,
                          "temperature": temperature, **scores})
             if not is_oracle:

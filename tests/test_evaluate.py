@@ -473,13 +473,16 @@ def test_text_runs_with_a_temperature_sweep_are_compared(corpus, tmp_path, monke
         scratchgan.main(scratchgan.Args(dataset=f"file:{corpus}", out=str(out), device="cpu", batch_size=8, steps=4,
                                         g_hidden=8, d_hidden=8, emb_dim=8, eval_every=4, num_samples=40,
                                         bleu_samples=20, self_bleu_samples=10, log_every=2, checkpoint_every=0,
-                                        eval_temperatures="0.5,2" if name == "gan" else "", **extra))
+                                        eval_temperatures="0.5,1,2" if name == "gan" else "", **extra))
         runs.append(str(out))
     out = tmp_path / "cmp"
     evaluate.main(evaluate.Args(runs=runs, out=str(out), data_dir=str(tmp_path / "data"), device="cpu", **TEXT))
     rows = {r["run"]: r for r in json.loads((out / "comparison.json").read_text())["rows"]}
     assert {"gan", "mle", "gan at T = 0.5", "gan at T = 2"} <= set(rows)
     assert rows["gan at T = 0.5"]["temperature"] == 0.5 and "nll_test" in rows["gan"]
+    # T = 1 draws samples.txt again: the same scores, without a second reverse LM
+    assert (Path(runs[0]) / "samples_T1.txt").read_bytes() == (Path(runs[0]) / "samples.txt").read_bytes()
+    assert rows["gan at T = 1"]["reverse_lm_score"] == rows["gan"]["reverse_lm_score"]
     floor = rows["training sentences (floor; the LM's own training data)"]
     assert floor["lm_score"] < rows["uniform random words (ceiling)"]["lm_score"]
     assert (out / "comparison.png").is_file() and "reverse LM score" in (out / "comparison.md").read_text()
