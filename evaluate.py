@@ -815,7 +815,8 @@ TRICKS = {
 }
 # cpu: one epoch (468 G steps of 128 images on either dataset) with networks of half the width (32 channels where
 # DCGAN has 64), about 4x fewer operations per step: 36 runs in hours on 2 CPU cores. full: dcgan.py's defaults.
-# Either way every run makes the same number of G steps (budget_flags).
+# Either way every run makes the same number of G steps (budget_flags), up to the leftover D batches dcgan.py drops
+# per epoch: 468 G steps for k = 1 or 2 D steps, 465 (5 x 93) for WGAN-GP's 5.
 TRICK_BUDGETS = {"cpu": ["--epochs", "1", "--g-width", "32", "--d-width", "32"], "full": ["--epochs", "5"]}
 
 
