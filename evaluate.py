@@ -746,17 +746,23 @@ def text_comparison(records: list, dataset: str, args: Args, device, out: Path) 
     code = inspect.getsource(TextScorer.score) + inspect.getsource(mean_token_nll) + inspect.getsource(common.bleu)
     setting = [lm_key(dataset, scorer.recipe), hashlib.sha256(code.encode()).hexdigest()[:12], oracle, oracle_seed,
                args.text_samples, args.bleu_samples, args.self_bleu_samples]
+    # Each distinct samples file is scored once: each score trains a reverse LM, and identical files occur
+    # (scratchgan.py's samples_T1.txt repeats samples.txt, drawn from the same seed).
+    by_content = {}
+
+    def scores_of(folder: Path, name: str, lines) -> dict:
+        digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        if digest not in by_content:
+            by_content[digest] = cached_scores(folder, setting, lambda: scorer.score(lines(), str(folder / name)),
+                                               name)
+        return by_content[digest]
+
     for r in records:
         own = {"nll_test": r.final["eval/nll_test"]} if "eval/nll_test" in r.final else {}
-        scores = cached_scores(r.path, setting, lambda: scorer.score(r.lines, str(r.path / "samples.txt")),
-                               "samples.txt")
+        scores = scores_of(r.path, "samples.txt", lambda: r.lines)
         rows.append({"run": r.name, "model": r.model, "command": r.command, **scores, **own})
-        base_scores, base_bytes = scores, (r.path / "samples.txt").read_bytes()
         for temperature, path in temperature_files(r.path):
-            # scratchgan.py's samples at T = 1 are samples.txt again (the same draws): scored once, not twice,
-            # since each score trains a reverse LM
-            scores = base_scores if path.read_bytes() == base_bytes else cached_scores(
-                r.path, setting, lambda: scorer.score(read_samples(path), str(path)), path.name)
+            scores = scores_of(r.path, path.name, lambda: read_samples(path))
             rows.append({"run": f"{r.name} at T = {temperature:g}", "model": r.model, "command": r.command,
                          "temperature": temperature, **scores})
             if not is_oracle:
