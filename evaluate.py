@@ -761,12 +761,21 @@ def text_comparison(records: list, dataset: str, args: Args, device, out: Path) 
         own = {"nll_test": r.final["eval/nll_test"]} if "eval/nll_test" in r.final else {}
         scores = scores_of(r.path, "samples.txt", lambda: r.lines)
         rows.append({"run": r.name, "model": r.model, "command": r.command, **scores, **own})
+        # On the oracle a run's curve is NLL-oracle against its own NLL-test at each temperature, T = 1 included:
+        # the quality/diversity trade-off along which a GAN and MLE are compared (Caccia et al. 2020, §4).
+        oracle_curve = {1.0: (own["nll_test"], scores["nll_oracle"])} if is_oracle and own else {}
         for temperature, path in temperature_files(r.path):
             scores = scores_of(r.path, path.name, lambda: read_samples(path))
+            key = f"eval_T{temperature:g}/nll_test"  # scratchgan.py's NLL-test with the logits divided by T
+            tempered = {"nll_test": r.final[key]} if key in r.final else {}
             rows.append({"run": f"{r.name} at T = {temperature:g}", "model": r.model, "command": r.command,
-                         "temperature": temperature, **scores})
+                         "temperature": temperature, **scores, **tempered})
             if not is_oracle:
                 curves.setdefault(r.name, []).append((scores["reverse_lm_score"], scores["lm_score"]))
+            elif tempered:
+                oracle_curve[temperature] = (tempered["nll_test"], scores["nll_oracle"])
+        if len(oracle_curve) > 1:
+            curves[r.name] = [oracle_curve[t] for t in sorted(oracle_curve)]
     references = scorer.references(args.text_samples)  # drawn with --seed: cached beside the LM
     reference_scores = cached_json(
         Path(args.data_dir) / "evaluate-cache" / f"text-references-{slug(dataset)}.json",
@@ -776,6 +785,10 @@ def text_comparison(records: list, dataset: str, args: Args, device, out: Path) 
         label = name if len(lines) == args.text_samples else f"{name}, {len(lines):,} of them"
         rows.append({"run": label, "model": "reference", "command": "", "samples": len(lines),
                      **reference_scores[name]})
+    if is_oracle and curves:
+        common.plot_series({f"{k} (T sweep)": v for k, v in curves.items()}, out / "comparison.png",
+                           f"{dataset}: NLL-oracle against NLL-test across temperatures (lower is better on both)",
+                           x_label="NLL-test, nats / token", y_label="NLL-oracle, nats / token")
     if not is_oracle:
         points = {r["run"]: [(r["reverse_lm_score"], r["lm_score"])] for r in rows if "temperature" not in r}
         common.plot_series({**points, **{f"{k} (T sweep)": v for k, v in curves.items()}}, out / "comparison.png",
@@ -784,14 +797,15 @@ def text_comparison(records: list, dataset: str, args: Args, device, out: Path) 
     table = text_table(rows, is_oracle)
     if is_oracle:
         setting = (f"{scorer.data.name}: NLL-oracle of the first {args.text_samples:,} samples of each run under "
-                   f"the oracle, nats per token, recomputed here; NLL-test is the run's own figure.")
+                   f"the oracle, nats per token, recomputed here; NLL-test is the run's own figure at the row's "
+                   f"temperature.")
     else:
         setting = (f"{dataset}: the first {args.text_samples:,} samples of each run. BLEU of the first "
                    f"{args.bleu_samples:,} against the whole test split, self-BLEU of the first "
                    f"{args.self_bleu_samples}; LM score under an LSTM trained on the training split "
                    f"({scorer.test_nll:.3f} nats per token on the test split), reverse LM score of the test split "
                    f"under the same LSTM recipe trained on the samples; words and EOS counted, PAD and <unk> not.")
-    return rows, table, setting, not is_oracle
+    return rows, table, setting, not is_oracle or bool(curves)
 
 
 # ---------------------------------------------------------------------------------------------------------------

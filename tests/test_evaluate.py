@@ -502,6 +502,27 @@ def test_text_runs_with_a_temperature_sweep_are_compared(corpus, tmp_path, monke
     assert rescored["gan at T = 2"] == rows["gan at T = 2"]
 
 
+def test_oracle_runs_with_a_temperature_sweep_get_their_own_nll_test_per_temperature(small_oracle, tmp_path,
+                                                                                       one_thread):
+    """Each T row carries the run's NLL-test at that T (not T = 1's), and the sweep is drawn as one curve."""
+    import scratchgan
+    out = tmp_path / "gan"
+    scratchgan.main(scratchgan.Args(dataset="oracle", oracle="random", out=str(out), device="cpu", batch_size=8,
+                                    steps=2, g_hidden=8, d_hidden=8, emb_dim=8, eval_every=2, eval_samples=64,
+                                    final_samples=64, num_samples=64, log_every=1, checkpoint_every=0,
+                                    eval_temperatures="0.5,2"))
+    final = evaluate.read_json_lines(out / "metrics.jsonl")[-1]
+    cmp = tmp_path / "cmp"
+    evaluate.main(evaluate.Args(runs=[str(out)], out=str(cmp), data_dir=str(tmp_path / "data"), device="cpu",
+                                text_samples=64))
+    rows = {r["run"]: r for r in json.loads((cmp / "comparison.json").read_text())["rows"]}
+    for temperature in ("0.5", "2"):
+        assert rows[f"gan at T = {temperature}"]["nll_test"] == final[f"eval_T{temperature}/nll_test"]
+    assert rows["gan"]["nll_test"] == final["eval/nll_test"]
+    assert len({rows["gan"]["nll_test"], rows["gan at T = 0.5"]["nll_test"], rows["gan at T = 2"]["nll_test"]}) == 3
+    assert (cmp / "comparison.png").is_file()
+
+
 def test_tricks_table_interrupted_keeps_the_checkpoint_and_resumes(tiny_data_dir, tmp_path):
     """SIGTERM to evaluate.py --tricks stops its training with a checkpoint; the same command then resumes it."""
     import signal
