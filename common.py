@@ -1493,6 +1493,18 @@ def bleu(hypotheses: list, references: list, max_n: int = 4, exclude_self: bool 
     return {n: total / len(hypotheses) for n, total in totals.items()}
 
 
+def parse_temperatures(text: str) -> list:
+    """--eval-temperatures "0.8,1,1.2" -> [0.8, 1.0, 1.2] ("" -> []): each T divides G's logits before the softmax,
+    which traces a model's quality/diversity curve (Caccia et al. 2020, §4)."""
+    try:
+        values = [float(v) for v in text.split(",")] if text else []
+    except ValueError:
+        values = [0.0]
+    if not all(v > 0 for v in values):
+        raise ValueError(f"--eval-temperatures must be comma-separated positive numbers, got {text!r}")
+    return values
+
+
 def text_sample_metrics(sentences: list, data: TextData, bleu_samples: int, self_bleu_samples: int) -> dict:
     """What the text models report on real text from their decoded samples (token lists): the share of test
     tokens that are <unk> (what NLL-test leaves out), BLEU-2..5 of the first bleu_samples against the whole test

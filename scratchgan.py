@@ -126,14 +126,7 @@ class Args(common.RunArgs):
         self.temperatures()
 
     def temperatures(self) -> list:
-        try:
-            values = [float(v) for v in self.eval_temperatures.split(",")] if self.eval_temperatures else []
-        except ValueError:
-            values = [0.0]
-        if not all(v > 0 for v in values):
-            raise ValueError(f"--eval-temperatures must be comma-separated positive numbers, got "
-                             f"{self.eval_temperatures!r}")
-        return values
+        return common.parse_temperatures(self.eval_temperatures)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -129,6 +129,7 @@ class Args(common.RunArgs):
     num_samples: int = 10_000  # samples written to samples.txt (token ids for the oracle, sentences for text)
     bleu_samples: int = 1_000  # real text: generated sentences scored by BLEU-2..5 against the whole test split
     self_bleu_samples: int = 500  # real text: generated sentences scored by self-BLEU-2..5 against each other
+    eval_temperatures: str = ""  # e.g. 0.8,1.0,1.2: final metrics and samples with G's logits divided by each T
 
     def __post_init__(self):
         super().__post_init__()
@@ -156,6 +157,10 @@ class Args(common.RunArgs):
                              "use")
         if self.oracle == "random" and self.dataset != "oracle":
             raise ValueError("--oracle random only applies to --dataset oracle")
+        self.temperatures()
+
+    def temperatures(self) -> list:
+        return common.parse_temperatures(self.eval_temperatures)
 
     def _int_list(self, name: str) -> list:
         text = getattr(self, name)
@@ -295,17 +300,20 @@ class Discriminator(nn.Module):
 # Sampling and Monte-Carlo rollouts
 # ---------------------------------------------------------------------------------------------------------------
 
-def sample_next(policy: Generator, h: torch.Tensor, rng: typing.Optional[torch.Generator] = None) -> torch.Tensor:
-    """y ~ softmax(h·Wo + bo) for every row of h (n, H), in chunks of rows so that the n x V logits never exist at
-    once (memory, not a loop over samples: each chunk is one batched draw)."""
+def sample_next(policy: Generator, h: torch.Tensor, rng: typing.Optional[torch.Generator] = None,
+                temperature: float = 1.0) -> torch.Tensor:
+    """y ~ softmax((h·Wo + bo) / temperature) for every row of h (n, H), in chunks of rows so that the n x V logits
+    never exist at once (memory, not a loop over samples: each chunk is one batched draw)."""
     rows = max(1, LOGIT_CHUNK // policy.vocab_size)
-    return torch.cat([common.inverse_cdf_sample(policy.logits(part), rng) for part in h.split(rows)])
+    return torch.cat([common.inverse_cdf_sample(policy.logits(part).float() / temperature, rng)
+                      for part in h.split(rows)])
 
 
 @torch.no_grad()
 def generate(policy: Generator, count: int, seq_len: int, start_token: int,
-             rng: typing.Optional[torch.Generator] = None, chunk: int = 4096) -> torch.Tensor:
-    """count sequences of seq_len tokens sampled from the policy -> (count, T) int64 (fixed length, as SeqGAN)."""
+             rng: typing.Optional[torch.Generator] = None, chunk: int = 4096, temperature: float = 1.0) -> torch.Tensor:
+    """count sequences of seq_len tokens sampled from the policy, its logits divided by temperature -> (count, T)
+    int64 (fixed length, as SeqGAN)."""
     device = policy.Wo.device
     out = []
     for start in range(0, count, chunk):
@@ -315,7 +323,7 @@ def generate(policy: Generator, count: int, seq_len: int, start_token: int,
         tokens = []
         for _ in range(seq_len):
             h, c = policy.cell(x, h, c)
-            y = sample_next(policy, h, rng)
+            y = sample_next(policy, h, rng, temperature)
             tokens.append(y)
             x = policy.embedding(y)
         out.append(torch.stack(tokens, 1))
@@ -593,9 +601,11 @@ def discriminator_step(gan: SeqGAN, rows: torch.Tensor, args: Args) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sequence_nll(policy: Generator, tokens: torch.Tensor, scored: torch.Tensor, start_token: int) -> float:
+def sequence_nll(policy: Generator, tokens: torch.Tensor, scored: torch.Tensor, start_token: int,
+                 temperature: float = 1.0) -> float:
     """G's mean NLL per token (nats) of held-out sequences (B, T), teacher-forced, over the targets where `scored`
-    (B, T) is True (TextData.scored: for real text not PAD, not <unk>; for the oracle every position)."""
+    (B, T) is True (TextData.scored: for real text not PAD, not <unk>; for the oracle every position), under
+    softmax(logits / temperature)."""
     total, count = 0.0, int(scored.sum())
     rows = max(1, LOGIT_CHUNK // policy.vocab_size)
     for chunk, mask in zip(tokens.split(SCORE_BATCH), scored.split(SCORE_BATCH)):
@@ -603,22 +613,23 @@ def sequence_nll(policy: Generator, tokens: torch.Tensor, scored: torch.Tensor, 
         h, _ = policy.teacher_forced(chunk, start_token)  # the LSTM over many sequences, then logits a slice at a time
         for h_part, y_part, m_part in zip(h.flatten(0, 1).split(rows), chunk.flatten().split(rows),
                                           mask.flatten().split(rows)):
-            nll = F.cross_entropy(policy.logits(h_part).float(), y_part, reduction="none")
+            nll = F.cross_entropy(policy.logits(h_part).float() / temperature, y_part, reduction="none")
             total += common.to_host_float64(nll * m_part).sum().item()
     return total / max(count, 1)
 
 
-def evaluate(gan: SeqGAN, data: common.TextData, args: Args, count: int, seed: int) -> tuple:
+def evaluate(gan: SeqGAN, data: common.TextData, args: Args, count: int, seed: int,
+             temperature: float = 1.0) -> tuple:
     """NLL-oracle (oracle), NLL-test (<unk> and PAD not counted), and for real text the share of test tokens that
-    are <unk>, BLEU-2..5 against the test split and self-BLEU-2..5, on
-    `count` fresh samples drawn with their own generator (the training RNG is untouched). Returns (metrics, samples)."""
+    are <unk>, BLEU-2..5 against the test split and self-BLEU-2..5, on `count` fresh samples drawn with their own
+    generator (the training RNG is untouched), G's logits divided by temperature. Returns (metrics, samples)."""
     G = gan.generator
     rng = torch.Generator(device=G.Wo.device).manual_seed(seed)
-    samples = generate(G, count, data.seq_len, data.start_token, rng)
+    samples = generate(G, count, data.seq_len, data.start_token, rng, temperature=temperature)
     metrics = {}
     if data.oracle is not None:
         metrics["eval/nll_oracle"] = data.oracle.nll(samples).mean().item()  # Yu et al. §4, per token
-    metrics["eval/nll_test"] = sequence_nll(G, data.test, data.scored(data.test), data.start_token)
+    metrics["eval/nll_test"] = sequence_nll(G, data.test, data.scored(data.test), data.start_token, temperature)
     if data.oracle is None:
         metrics.update(common.text_sample_metrics([data.vocab.decode(s) for s in samples.cpu()], data,
                                                   args.bleu_samples, args.self_bleu_samples))
@@ -895,8 +906,9 @@ def train(args: Args, run: common.Run) -> None:
 
 def write_results(gan: SeqGAN, data: common.TextData, args: Args, run: common.Run, logger: common.MetricsLogger,
                   step: int) -> None:
-    """samples.txt, the final evaluation (100,000 samples on the oracle, as Yu et al. §4) and loss.png. The final
-    generator is the one the last evaluation scored: D rounds after the last G step leave G as is."""
+    """samples.txt, the final evaluation (100,000 samples on the oracle, as Yu et al. §4), then at each
+    --eval-temperatures T its metrics (keys eval_T<T>/...) and samples_T<T>.txt, as scratchgan.py; loss.png. The
+    final generator is the one the last evaluation scored: D rounds after the last G step leave G as is."""
     count = args.final_samples if data.oracle is not None else \
         max(args.num_samples, args.bleu_samples, args.self_bleu_samples)
     metrics, samples = evaluate(gan, data, args, count, args.seed + 5)
@@ -907,6 +919,11 @@ def write_results(gan: SeqGAN, data: common.TextData, args: Args, run: common.Ru
         metrics.update({"eval/bleu_hypotheses": min(args.bleu_samples, count),
                         "eval/bleu_references": len(data.test_sentences),
                         "eval/self_bleu_samples": min(args.self_bleu_samples, count)})
+    for temperature in args.temperatures():
+        tempered, tempered_samples = evaluate(gan, data, args, count, args.seed + 5, temperature)
+        metrics.update({k.replace("eval/", f"eval_T{temperature:g}/"): v for k, v in tempered.items()})
+        common.write_text_samples(run.out / f"samples_T{temperature:g}.txt",
+                                  common.sample_lines(data, tempered_samples[:args.num_samples]))
     logger.log_eval(step, metrics)
     common.plot_metrics(run.out / "metrics.jsonl", run.out / "loss.png", ("eval/nll",),
                         f"seqgan_rl {data.name}{' --mle-only' if args.mle_only else ''} (x: epochs, then + rounds)",

@@ -291,6 +291,25 @@ def test_sampling_draws_from_the_softmax():
     assert torch.allclose(counts, torch.tensor([0.1, 0.6, 0.3]), atol=0.015)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_generation_and_nll_test_use_the_tempered_softmax(temperature):
+    """With Wo = 0, G's logits are its bias at every step: tokens are i.i.d. from softmax(bo / T), and the NLL of
+    any sequence is the mean of -log softmax(bo / T) over its tokens."""
+    torch.manual_seed(0)
+    G = S.Generator(3, 4, 4)
+    bias = torch.log(torch.tensor([0.1, 0.6, 0.3]))
+    with torch.no_grad():
+        G.Wo.zero_()
+        G.bo.copy_(bias)
+    tempered = torch.softmax(bias / temperature, 0)
+    drawn = S.generate(G, 10_000, 2, 0, torch.Generator().manual_seed(0), temperature=temperature)
+    assert torch.allclose(torch.bincount(drawn.flatten(), minlength=3) / drawn.numel(), tempered, atol=0.015)
+    tokens = torch.tensor([[1, 2, 0], [2, 2, 1]])
+    expected = -torch.log(tempered)[tokens].mean().item()
+    everything = torch.ones_like(tokens, dtype=torch.bool)
+    assert S.sequence_nll(G, tokens, everything, 0, temperature) == pytest.approx(expected, rel=1e-6)
+
+
 def test_schedule_places_every_step_in_its_phase():
     args = S.Args(**{**TINY, "pretrain_epochs": 2, "d_pretrain_rounds": 3, "rounds": 4, "d_rounds": 2,
                      "d_epochs": 2})
@@ -335,15 +354,19 @@ def test_an_oracle_run_writes_every_output(small_oracle, tmp_path):
 
 def test_a_text_run_reports_bleu_and_decodes_sentences(corpus, tmp_path, capsys):
     out = tmp_path / "text"
-    S.main(S.Args(**{**TINY, "dataset": f"file:{corpus}", "out": str(out), "baseline": True}))
+    S.main(S.Args(**{**TINY, "dataset": f"file:{corpus}", "out": str(out), "baseline": True,
+                     "eval_temperatures": "0.5,2"}))
     assert "D filters wider than the" in capsys.readouterr().out
     final = metrics_lines(out)[-1]
     assert final["eval/bleu_hypotheses"] == 20 and final["eval/bleu_references"] == 30
     assert final["eval/self_bleu_samples"] == 10 and final["eval/oov_rate"] == 0  # every test word was in training
-    assert all(0 <= final[f"eval/{kind}{n}"] <= 1 for kind in ("bleu", "self_bleu") for n in (2, 3, 4, 5))
+    for prefix in ("eval", "eval_T0.5", "eval_T2"):  # each --eval-temperatures T gets the same metrics
+        assert all(0 <= final[f"{prefix}/{kind}{n}"] <= 1 for kind in ("bleu", "self_bleu") for n in (2, 3, 4, 5))
+    assert len({final["eval/nll_test"], final["eval_T0.5/nll_test"], final["eval_T2/nll_test"]}) == 3
     words = set(corpus.read_text().split()) | {common.UNK}
-    sentences = (out / "samples.txt").read_text().splitlines()
-    assert len(sentences) == 20 and all(set(s.split()) <= words for s in sentences)  # no <pad>, <bos>, <eos>
+    for name in ("samples.txt", "samples_T0.5.txt", "samples_T2.txt"):
+        sentences = (out / name).read_text().splitlines()
+        assert len(sentences) == 20 and all(set(s.split()) <= words for s in sentences)  # no <pad>, <bos>, <eos>
     assert "reward/baseline" in set().union(*metrics_lines(out))
 
 
@@ -437,6 +460,8 @@ def run_cli(flags, capsys):
     (["--epochs", "3"], "--pretrain-epochs"),
     (["--dataset", "coco", "--oracle", "random"], "only applies to --dataset oracle"),
     (["--preset", "gpu"], "invalid choice"),
+    (["--eval-temperatures", "0.8,x"], "comma-separated positive numbers"),
+    (["--eval-temperatures", "-1"], "comma-separated positive numbers"),
 ])
 def test_bad_flag_values(flags, message, capsys):
     code, err = run_cli(flags, capsys)
