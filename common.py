@@ -1028,6 +1028,8 @@ class Batches:
 TEXYGEN = "https://raw.githubusercontent.com/geek-ai/Texygen/3104e22ac75f3cc2070da2bf5e2da6d2bef149ad/data/"
 SEQGAN = "https://raw.githubusercontent.com/LantaoYu/SeqGAN/"
 SCRATCHGAN = "https://storage.googleapis.com/deepmind-scratchgan-data/"
+SCRATCHGAN_SMALL = ("https://raw.githubusercontent.com/SCAuFish/ScratchGan-/9b1978b71799522f7a89d789154a5fbac3bb439c/"
+                    "scratchgan/small_data/")
 TEXT_SOURCES = {
     # the COCO-captions split of Texygen, RelGAN and TextGAN (byte-identical files in all three)
     "coco": {"folder": "coco-captions", "files": {
@@ -1039,6 +1041,15 @@ TEXT_SOURCES = {
     # split it evaluates on; DeepMind's bucket publishes no checksums, so the sha256 of a download is printed
     "emnlp2017": {"folder": "emnlp2017-news", "files": {
         split: [(f"{split}.json", SCRATCHGAN + f"{split}.json", None)] for split in ("train", "valid", "test")}},
+    # the same preprocessing with a 12,500-sentence training subset (small_data/ of a fork of the official code,
+    # sha256 pinned) and the full valid and test splits: a reduced run, which its name says
+    "emnlp2017-small": {"folder": "emnlp2017-news", "files": {
+        "train": [("small_data/train.json", SCRATCHGAN_SMALL + "train.json",
+                   "c16734a86ddffe2cdb206205212dfe84d39df1ebe5a36158b04f1114504b8640")],
+        "valid": [("valid.json", SCRATCHGAN_SMALL + "valid.json",
+                   "c7146d0a9d1e0fd05a1ef206b6c799b3fad24a134ce3cde2e68ace1fbfee959b")],
+        "test": [("test.json", SCRATCHGAN_SMALL + "test.json",
+                  "c9b20e6483b36d5998df19af9e228551e1d1209bb6598aa5a6d9ed88938cd331")]}},
     # the same corpus as Texygen, RelGAN and LeakGAN preprocessed it, one sentence per line (emnlp_news.txt's sha256
     # is not published: its git blob is 538653e5f946b6f76e2b729c5aaa7507152354a3)
     "emnlp2017-texygen": {"folder": "emnlp2017-news", "files": {
@@ -1057,7 +1068,8 @@ TEXT_SOURCES = {
         # real_data.txt (MLE_SeqGAN/save/ at commit 4152436) is used when present; else the oracle draws afresh
         "train": [("real_data.txt", None, None)]}},
 }
-TEXT_DATASETS = ("oracle", "coco", "emnlp2017", "emnlp2017-texygen", "poems", "file:PATH")
+TEXT_DATASETS = ("oracle", "coco", "emnlp2017", "emnlp2017-small", "emnlp2017-texygen", "poems", "file:PATH")
+SCRATCHGAN_JSON = ("emnlp2017", "emnlp2017-small")  # ScratchGAN's reader.py: 52 tokens, a vocabulary of 20,000
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 # the oracle's arrays in the order of the pickled list (SeqGAN target_lstm.py), with their shapes
 ORACLE_KEYS = ("g_embeddings", "Wi", "Ui", "bi", "Wf", "Uf", "bf", "Wog", "Uog", "bog", "Wc", "Uc", "bc", "Wo", "bo")
@@ -1226,7 +1238,7 @@ def _held_out_split(sentences: list) -> tuple:
 
 def load_text_dataset(name: str, data_dir, max_len: int = 0, vocab_size: int = 0, lower: bool = False,
                       oracle: str = "paper", seed: int = 0, device="cpu") -> TextData:
-    """Load 'oracle', 'coco', 'emnlp2017', 'emnlp2017-texygen', 'poems' or 'file:PATH'. Real text: whitespace
+    """Load 'oracle', 'coco', 'emnlp2017'(-small), 'emnlp2017-texygen', 'poems' or 'file:PATH'. Real text: whitespace
     tokens, a vocabulary from the training split capped at vocab_size, sentences of up to max_len - 1 tokens plus
     EOS (0: room for the longest sentence of any split; longer ones are dropped, and the count is printed). 'oracle'
     ignores those and uses `oracle` ('paper' or 'random'), seeded by `seed` when random. Under torchrun, rank 0

@@ -547,7 +547,8 @@ def stacked_table(rows: list) -> str:
 # Text: the oracle's NLL, BLEU, and the LM and reverse LM scores
 # ---------------------------------------------------------------------------------------------------------------
 
-TEXT_SETTINGS = {"emnlp2017": dict(max_len=52, vocab_size=20_000)}  # ScratchGAN's reader; the others: every word
+# ScratchGAN's reader for its JSON sources; the others keep every word
+TEXT_SETTINGS = {name: dict(max_len=52, vocab_size=20_000) for name in common.SCRATCHGAN_JSON}
 # The language models of the LM and reverse LM scores. Like the classifier, the recipe and the source name the
 # cache file of the LM trained on real text.
 LM_RECIPE = dict(embed=64, hidden=256, epochs=5, batch_size=64, lr=2e-3, seed=0, max_sentences=100_000)

@@ -63,7 +63,8 @@ SAMPLE_LINES = 100  # samples per samples_<step>.txt
 @dataclasses.dataclass
 class Args(common.RunArgs):
     dataset: str = "emnlp2017"
-    # emnlp2017 (ScratchGAN's JSON) | coco | poems | emnlp2017-texygen | oracle (SeqGAN's) | file:PATH
+    # emnlp2017 (ScratchGAN's JSON) | emnlp2017-small (its 12,500-sentence training subset) | coco | poems |
+    # emnlp2017-texygen | oracle (SeqGAN's) | file:PATH
     oracle: typing.Literal["paper", "random"] = "paper"  # paper: SeqGAN's oracle; random: N(0,1) weights from --seed
     preset: typing.Literal["paper", "cpu"] = "paper"  # values of the flags marked "preset" (PRESETS in the file)
     batch_size: int = -1  # sequences per D and per G batch (default from --preset: paper 512, the official; cpu 128)
@@ -72,8 +73,8 @@ class Args(common.RunArgs):
     log_every: int = 100  # steps between metrics lines
     sample_every: int = 0  # steps between samples_<step>.txt files of 100 samples (0: only at the end)
     checkpoint_every: int = 1000  # steps between checkpoint writes (official export_every 1000)
-    max_len: int = 0  # real text: tokens per sequence including EOS (0: 52 for emnlp2017 as reader.py, else longest)
-    vocab_size: int = 0  # real text: cap on the vocabulary, specials included (0: 20000 for emnlp2017, else all)
+    max_len: int = 0  # real text: tokens per sequence including EOS (0: 52 for emnlp2017(-small), reader.py; else longest)
+    vocab_size: int = 0  # real text: cap on the vocabulary, specials included (0: 20000 for emnlp2017(-small), else all)
     lower: bool = False  # real text: lower-case before tokenising (the official reader does not)
     emb_dim: int = 64  # trainable embedding size of G and of D (official trainable_embedding_size 64)
     glove: str = ""  # a GloVe text file (first line '<count> <dim>'); concatenated to both embeddings (official)
@@ -648,7 +649,7 @@ def main(args: Args) -> None:
 
 
 def load_data(args: Args, device: torch.device) -> common.TextData:
-    emnlp = args.dataset == "emnlp2017"
+    emnlp = args.dataset in common.SCRATCHGAN_JSON
     return common.load_text_dataset(args.dataset, args.data_dir, args.max_len or (52 if emnlp else 0),
                                     args.vocab_size or (20_000 if emnlp else 0), args.lower, args.oracle, args.seed,
                                     device)

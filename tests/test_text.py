@@ -261,6 +261,7 @@ def test_emnlp2017_is_scratchgans_json_unit_with_a_valid_split(http_server, tmp_
 
 @pytest.mark.parametrize("dataset, present, missing", [
     ("emnlp2017", ["valid.json", "test.json"], "train.json"),
+    ("emnlp2017-small", ["valid.json", "test.json"], "small_data/train.json"),
     ("emnlp2017-texygen", ["test_emnlp.txt"], "emnlp_news.txt"),
     ("coco", ["image_coco.txt"], "test_coco.txt"),
 ])
@@ -288,14 +289,14 @@ def test_the_shared_emnlp_folder_holds_no_complete_unit_and_its_json_parses(tmp_
     for dataset in ("emnlp2017", "emnlp2017-texygen"):  # ScratchGAN's train.json and Texygen's are absent
         with pytest.raises(common.UserError, match="but not"):
             common.load_text_dataset(dataset, shared_data())
-    folder = tmp_path / "emnlp2017-news"  # the fork's 12,500-sentence training subset with the full valid/test
-    folder.mkdir()
-    for name, source in (("train.json", "small_data/train.json"), ("valid.json", "valid.json"),
-                         ("test.json", "test.json")):
-        (folder / name).symlink_to(shared_data() / "emnlp2017-news" / source)
-    data = common.load_text_dataset("emnlp2017", tmp_path)
+    # the fork's 12,500-sentence training subset with the full valid/test splits is there, as emnlp2017-small
+    data = common.load_text_dataset("emnlp2017-small", shared_data(), max_len=52, vocab_size=20_000)
     assert len(data.train) == 12_500 and len(data.valid) == len(data.test) == 10_000
-    assert data.seq_len <= 51 and data.valid_sentences[0] != data.test_sentences[0]
+    assert data.seq_len == 52 and data.valid_sentences[0] != data.test_sentences[0]
+    folder = shared_data() / "emnlp2017-news"  # the files are the ones whose sha256 a download checks
+    for entries in common.TEXT_SOURCES["emnlp2017-small"]["files"].values():
+        (name, _, sha256), = entries
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == sha256
 
 
 @pytest.mark.skipif(not (shared_data() / "coco-captions" / "image_coco.txt").is_file(),
