@@ -28,6 +28,7 @@ Run it:
     python scratchgan.py --preset cpu --dataset coco      # the reduced configuration (does not train text yet: README)
     python scratchgan.py --preset cpu --dataset coco --mle   # the same generator trained by maximum likelihood
     python scratchgan.py --preset cpu --dataset oracle    # the SeqGAN oracle: NLL-oracle and NLL-test
+    python scratchgan.py --dataset emnlp2017-small        # EMNLP2017 with a 12,500-sentence training subset
     python scratchgan.py --eval-temperatures 0.8,1.0,1.2  # final metrics and samples at several temperatures
     python scratchgan.py --benchmark                      # time of each part of a step, estimated run times
     python scratchgan.py --resume runs/<folder>           # continue an interrupted run
@@ -73,8 +74,8 @@ class Args(common.RunArgs):
     log_every: int = 100  # steps between metrics lines
     sample_every: int = 0  # steps between samples_<step>.txt files of 100 samples (0: only at the end)
     checkpoint_every: int = 1000  # steps between checkpoint writes (official export_every 1000)
-    max_len: int = 0  # real text: tokens per sequence including EOS (0: 52 for emnlp2017(-small), reader.py; else longest)
-    vocab_size: int = 0  # real text: cap on the vocabulary, specials included (0: 20000 for emnlp2017(-small), else all)
+    max_len: int = 0  # real text: tokens per sequence including EOS (0: 52 for emnlp2017*, as reader.py; else longest)
+    vocab_size: int = 0  # real text: cap on the vocabulary, specials included (0: 20000 for emnlp2017*, else all)
     lower: bool = False  # real text: lower-case before tokenising (the official reader does not)
     emb_dim: int = 64  # trainable embedding size of G and of D (official trainable_embedding_size 64)
     glove: str = ""  # a GloVe text file (first line '<count> <dim>'); concatenated to both embeddings (official)
