@@ -1517,6 +1517,17 @@ def parse_temperatures(text: str) -> list:
     return values
 
 
+def temperature_sweep(evaluate_at, temperatures: list, out: Path, data: TextData, num_samples: int) -> dict:
+    """The final evaluation again at each T: evaluate_at(T) -> (metrics "eval/...", samples). Returns the metrics
+    keyed eval_T<T>/... and writes the first num_samples samples to samples_T<T>.txt (the names evaluate.py reads)."""
+    metrics = {}
+    for temperature in temperatures:
+        tempered, samples = evaluate_at(temperature)
+        metrics.update({k.replace("eval/", f"eval_T{temperature:g}/"): v for k, v in tempered.items()})
+        write_text_samples(Path(out) / f"samples_T{temperature:g}.txt", sample_lines(data, samples[:num_samples]))
+    return metrics
+
+
 def text_sample_metrics(sentences: list, data: TextData, bleu_samples: int, self_bleu_samples: int) -> dict:
     """What the text models report on real text from their decoded samples (token lists): the share of test
     tokens that are <unk> (what NLL-test leaves out), BLEU-2..5 of the first bleu_samples against the whole test

@@ -753,11 +753,8 @@ def write_results(gan: ScratchGAN, data: common.TextData, layout: Tokens, args: 
     metrics, samples = evaluate(gan, data, layout, args, count, args.seed + 5)
     common.write_text_samples(run.out / "samples.txt", common.sample_lines(data, samples[:args.num_samples]))
     metrics["eval/samples"] = count
-    for temperature in args.temperatures():
-        tempered, tempered_samples = evaluate(gan, data, layout, args, count, args.seed + 5, temperature)
-        metrics.update({k.replace("eval/", f"eval_T{temperature:g}/"): v for k, v in tempered.items()})
-        common.write_text_samples(run.out / f"samples_T{temperature:g}.txt",
-                                  common.sample_lines(data, tempered_samples[:args.num_samples]))
+    metrics.update(common.temperature_sweep(lambda t: evaluate(gan, data, layout, args, count, args.seed + 5, t),
+                                            args.temperatures(), run.out, data, args.num_samples))
     if best["step"] is not None:
         metrics["best/step"], metrics[f"best/{best['metric'].removeprefix('eval/')}"] = best["step"], best["value"]
     logger.log_eval(step, metrics)

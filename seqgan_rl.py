@@ -304,7 +304,7 @@ def sample_next(policy: Generator, h: torch.Tensor, rng: typing.Optional[torch.G
                 temperature: float = 1.0) -> torch.Tensor:
     """y ~ softmax((h·Wo + bo) / temperature) for every row of h (n, H), in chunks of rows so that the n x V logits
     never exist at once (memory, not a loop over samples: each chunk is one batched draw)."""
-    rows = max(1, LOGIT_CHUNK // policy.vocab_size)
+    rows = max(1, LOGIT_CHUNK // policy.vocab_size)  # divided in float32: under --amp the logits are bf16
     return torch.cat([common.inverse_cdf_sample(policy.logits(part).float() / temperature, rng)
                       for part in h.split(rows)])
 
@@ -919,11 +919,8 @@ def write_results(gan: SeqGAN, data: common.TextData, args: Args, run: common.Ru
         metrics.update({"eval/bleu_hypotheses": min(args.bleu_samples, count),
                         "eval/bleu_references": len(data.test_sentences),
                         "eval/self_bleu_samples": min(args.self_bleu_samples, count)})
-    for temperature in args.temperatures():
-        tempered, tempered_samples = evaluate(gan, data, args, count, args.seed + 5, temperature)
-        metrics.update({k.replace("eval/", f"eval_T{temperature:g}/"): v for k, v in tempered.items()})
-        common.write_text_samples(run.out / f"samples_T{temperature:g}.txt",
-                                  common.sample_lines(data, tempered_samples[:args.num_samples]))
+    metrics.update(common.temperature_sweep(lambda t: evaluate(gan, data, args, count, args.seed + 5, t),
+                                            args.temperatures(), run.out, data, args.num_samples))
     logger.log_eval(step, metrics)
     common.plot_metrics(run.out / "metrics.jsonl", run.out / "loss.png", ("eval/nll",),
                         f"seqgan_rl {data.name}{' --mle-only' if args.mle_only else ''} (x: epochs, then + rounds)",
