@@ -409,6 +409,19 @@ def channels_last_on_cpu(module: torch.nn.Module, device: torch.device) -> torch
     return module
 
 
+FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps")  # where torch.optim.Adam(fused=True) has a kernel
+
+
+def adam(params, **hyper) -> torch.optim.Adam:
+    """torch.optim.Adam(params, **hyper), the same algorithm, with its fused kernel where the parameters' device has
+    one: the update of every tensor in one call, not a dozen elementwise passes per tensor. On 2 CPU cores the
+    unfused update was half of the time of seqgan_rl.py's paper-sized D step under --amp (README, "float32 and
+    bf16"). Elsewhere (a meta device in the tests) the ordinary implementation runs."""
+    params = list(params)
+    fused = all(p.device.type in FUSED_ADAM_DEVICES for p in params)
+    return torch.optim.Adam(params, fused=fused, **hyper)
+
+
 def maybe_compile(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     """Compile in place (module.compile), so the state_dict keys and the module object stay the same."""
     if enabled:

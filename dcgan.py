@@ -434,8 +434,8 @@ def build_gan(args: Args, channels: int, num_classes: int, device: torch.device)
     common.broadcast_module(discriminator)
     ema = copy.deepcopy(generator).requires_grad_(False) if args.ema_decay else None
     return GAN(generator, discriminator,
-               torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2)),
-               torch.optim.Adam(discriminator.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2)),
+               common.adam(generator.parameters(), lr=args.lr_g, betas=(args.beta1, args.beta2)),
+               common.adam(discriminator.parameters(), lr=args.lr_d, betas=(args.beta1, args.beta2)),
                ema, ReplayBuffer(args.replay_size, args.replay_fraction) if args.replay_size else None)
 
 

@@ -519,7 +519,7 @@ def train(args: Args, run: common.Run) -> None:
     common.channels_last_on_cpu(flow, device)
     flow.set_amp(args.amp)
     common.broadcast_module(flow)  # every rank starts from rank 0's weights
-    optimizer = torch.optim.Adam(flow.parameters(), lr=args.lr)
+    optimizer = common.adam(flow.parameters(), lr=args.lr)
     batches = common.Batches((train_data.images, train_data.labels), args.batch_size, args.seed, device, run.rank,
                              run.world_size, "images")
     planned_steps = args.epochs * batches.steps_per_epoch

@@ -350,7 +350,7 @@ def build_glo(args: Args, channels: int, codes: torch.Tensor, device: torch.devi
         opt_g = torch.optim.SGD(generator.parameters(), lr=lr_g)
         opt_z = torch.optim.SGD(table.parameters(), lr=lr_z)
     else:  # SparseAdam: "lazy" Adam, whose moments of a row change only when the row is in a batch
-        opt_g = torch.optim.Adam(generator.parameters(), lr=lr_g)
+        opt_g = common.adam(generator.parameters(), lr=lr_g)
         opt_z = torch.optim.SparseAdam(list(table.parameters()), lr=lr_z)
     if args.fixed_latents:
         table.weight.requires_grad_(False)

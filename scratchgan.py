@@ -474,7 +474,7 @@ def build_scratchgan(args: Args, data: common.TextData, device: torch.device) ->
     vocab = len(data.vocab)
     glove = read_glove(args.glove, data.vocab, args.seed) if args.glove else None
     G = Generator(vocab, args.emb_dim, args.g_hidden, args.g_layers, glove).to(device)
-    adam = lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(args.beta1, 0.999), eps=1e-8)  # noqa: E731
+    adam = lambda params, lr: common.adam(params, lr=lr, betas=(args.beta1, 0.999), eps=1e-8)  # noqa: E731
     if args.mle:
         return ScratchGAN(G, None, adam(G.parameters(), args.lr_g), None, None)
     D = Discriminator(vocab, data.seq_len, args.emb_dim, args.d_hidden, args.d_dropout, args.d_layer_norm,

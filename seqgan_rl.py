@@ -504,7 +504,7 @@ def build_seqgan(args: Args, vocab_size: int, seq_len: int, device: torch.device
     discriminator = Discriminator(vocab_size, seq_len, args.d_emb_dim, args.filter_widths(), args.filter_counts(),
                                   args.d_dropout).to(device)
     rollout = copy.deepcopy(generator).requires_grad_(False) if args.rollout_update else None
-    adam = lambda params, lr: torch.optim.Adam(params, lr=lr)  # noqa: E731 (TF's Adam: betas 0.9, 0.999)
+    adam = lambda params, lr: common.adam(params, lr=lr)  # noqa: E731 (TF's Adam: betas 0.9, 0.999)
     return SeqGAN(generator, discriminator, rollout, adam(generator.parameters(), args.lr_g),
                   adam(generator.parameters(), args.lr_g), adam(discriminator.parameters(), args.lr_d),
                   RewardBaseline(seq_len, args.baseline_decay, device) if args.baseline else None)
@@ -758,14 +758,15 @@ def benchmark(gan: SeqGAN, data: common.TextData, args: Args, run: common.Run, s
             fn()
         return clock() / calls
 
-    clock()
     d_batches = common.Batches((discriminator_set(gan, train, start, args),), args.batch_size, args.seed, device)
-    negatives = clock()
     saved, args.amp = args.amp, False
     d_flops = common.count_flops(lambda: discriminator_step(gan, d_batches.next()[0], args))
     args.amp = saved
 
     def measure() -> dict:
+        # the steady-state cost of a round's negatives: the first draw above also pays for the allocator's first
+        # touch of its buffers (3x the time on 2 CPU cores), which a run pays once, not once per round
+        negatives = seconds_per_call(lambda: discriminator_set(gan, train, start, args), 2, warmup=1)
         d_step = seconds_per_call(lambda: discriminator_step(gan, d_batches.next()[0], args), args.benchmark_steps)
         mle = seconds_per_call(lambda: mle_step(gan, mle_batches.next()[0], start, args), args.benchmark_steps)
         calls, timings = max(1, args.benchmark_steps // 10), {}
@@ -784,7 +785,8 @@ def benchmark(gan: SeqGAN, data: common.TextData, args: Args, run: common.Run, s
                     "adversarial": args.rounds * (mle if args.mle_only else g_round + args.d_rounds * d_round),
                     "evaluation": (evals + final_scale) * evaluation}
         minutes = lambda seconds: f"{seconds / 60:.1f} min"  # noqa: E731
-        text = (f"MLE {1 / mle:.1f} steps/s | D {1 / d_step:.1f} steps/s, one D epoch "
+        text = (f"MLE {1 / mle:.1f} steps/s | drawing a D round's {min(args.d_samples, len(train)):,} negatives "
+                f"{negatives:.2f} s | D {1 / d_step:.1f} steps/s, one D epoch "
                 f"({schedule.d_steps_per_epoch} steps) {schedule.d_steps_per_epoch * d_step:.1f} s | adversarial G "
                 f"step {1 / g_round:.3f} steps/s ({g_round:.2f} s: rollouts {split.get('time/rollout', 0):.2f} s, "
                 f"D scoring {split.get('time/d_score', 0):.2f} s, G update {split.get('time/g_step', 0):.2f} s; "
@@ -797,8 +799,7 @@ def benchmark(gan: SeqGAN, data: common.TextData, args: Args, run: common.Run, s
     if run.is_main:
         print(f"benchmark | {device.type}, {torch.get_num_threads()} threads | {data.name}, vocab {len(data.vocab)}, "
               f"T {length}, batch {args.batch_size} | D {sum(p.numel() for p in gan.discriminator.parameters()):,} "
-              f"params, G {sum(p.numel() for p in gan.generator.parameters()):,} | drawing "
-              f"{min(args.d_samples, len(train)):,} negatives {negatives:.2f} s")
+              f"params, G {sum(p.numel() for p in gan.generator.parameters()):,}")
         for line in common.precision_lines(results, "d_rate", d_flops, device, lambda result: result["text"]):
             print(f"benchmark | {line.replace(' GFLOP per step', ' GFLOP per D step')}")
 

@@ -575,7 +575,7 @@ def train(args: Args, run: common.Run) -> None:
     likelihood = args.decoder_likelihood()
     train_data = common.load_image_dataset(args.dataset, args.data_dir, args.size(), "train", run.out)
     model = build_model(args, train_data.images, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps)
+    optimizer = common.adam(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.adam_eps)
     trainer = Trainer(model, optimizer)
     common.maybe_compile(model.encoder, args.compile)  # encode/decode are methods, so compile the two networks
     common.maybe_compile(model.decoder, args.compile)

@@ -639,3 +639,26 @@ def test_every_flag_of_every_model_explains_itself(module):
     assert set(helps) == {f.name for f in dataclasses.fields(args_cls)}
     blank = [name for name, text in helps.items() if len(text.replace("(default:", "").split()) < 3]
     assert not blank, blank
+
+
+def test_adam_is_torch_adam_with_the_fused_kernel_where_the_device_has_one():
+    torch.manual_seed(0)
+    start = torch.randn(50)
+    target = torch.randn(50)
+
+    def trajectory(make):
+        w = torch.nn.Parameter(start.clone())
+        optimiser = make([w])
+        for _ in range(30):
+            optimiser.zero_grad()
+            ((w - target) ** 4).sum().backward()
+            optimiser.step()
+        return optimiser, w.detach()
+
+    hyper = dict(lr=0.05, betas=(0.5, 0.99), eps=1e-6)
+    fused, w_fused = trajectory(lambda params: common.adam(params, **hyper))
+    _, w_plain = trajectory(lambda params: torch.optim.Adam(params, foreach=False, **hyper))
+    assert fused.defaults["fused"] is True and fused.defaults["betas"] == (0.5, 0.99)
+    assert torch.allclose(w_fused, w_plain, atol=1e-6) and not torch.allclose(w_fused, start, atol=1e-2)
+    on_meta = common.adam([torch.nn.Parameter(torch.zeros(3, device="meta"))], lr=0.1)
+    assert not on_meta.defaults["fused"]  # no fused kernel there: the ordinary implementation
