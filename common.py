@@ -189,6 +189,7 @@ def run_cli(main, args_cls, argv=None):
         main(args)
     except UserError as e:
         if get_rank() == 0:
+            discard_unused_run_folder()
             print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
     except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError in newer releases
@@ -294,6 +295,24 @@ def session(args, model_name: str):
         _restore_process_state(saved)
 
 
+_CREATED_RUN_FOLDERS = []  # the output folders setup() made in this process
+
+
+def discard_unused_run_folder() -> None:
+    """After a user error, remove a folder that setup() made for this run and that holds nothing but its config.json
+    (the run stopped before it wrote anything, e.g. on missing data), so that failed starts leave no clutter in runs/.
+    A folder that existed before, or that holds any other file, is kept."""
+    while _CREATED_RUN_FOLDERS:
+        out, *parents = _CREATED_RUN_FOLDERS.pop()  # the folder, then those mkdir made above it (runs/)
+        if not (out.is_dir() and [p.name for p in out.iterdir()] == ["config.json"]):
+            continue
+        (out / "config.json").unlink()
+        for folder in [out, *parents]:
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
+
+
 def setup(args, model_name: str) -> Run:
     """Start a run: join the torchrun group if there is one, pick the device, seed, make the output folder, write
     config.json. Under torchrun, rank r seeds with seed + r (different noise per rank); call `broadcast_module` after
@@ -333,6 +352,8 @@ def setup(args, model_name: str) -> Run:
                            f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     if rank == 0 and not args.benchmark:
         try:
+            if not out.exists():
+                _CREATED_RUN_FOLDERS.append([folder for folder in [out, *out.parents] if not folder.exists()])
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create the output folder {out} ({e.strerror}); choose another with --out")

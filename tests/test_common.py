@@ -95,6 +95,27 @@ def test_run_cli_turns_user_errors_into_one_line(capsys):
     assert err.strip().endswith("error: the data is missing; put it in ./data") and "Traceback" not in err
 
 
+def test_a_run_that_fails_before_writing_anything_leaves_no_folder(tmp_path, capsys):
+    def fails_on_missing_data(args):
+        common.setup(args, "example")
+        raise common.UserError("the data is missing; put it in ./data")
+
+    def fails_after_a_checkpoint(args):
+        run = common.setup(args, "example")
+        common.atomic_write_bytes(run.out / "checkpoint.pt", b"weights")
+        raise common.UserError("the data is corrupt")
+
+    for name, main, kept in [("fresh", fails_on_missing_data, False), ("written", fails_after_a_checkpoint, True)]:
+        with pytest.raises(SystemExit):
+            common.run_cli(main, ExampleArgs, ["--out", str(tmp_path / "runs" / name), "--device", "cpu"])
+        assert (tmp_path / "runs" / name).exists() == kept and (tmp_path / "runs").exists() == kept  # runs/ too
+    (tmp_path / "earlier").mkdir()  # a folder the user made or an earlier run filled: never removed
+    with pytest.raises(SystemExit):
+        common.run_cli(fails_on_missing_data, ExampleArgs, ["--out", str(tmp_path / "earlier"), "--device", "cpu"])
+    assert (tmp_path / "earlier").is_dir()
+    assert "error: the data is missing" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # IDX files
 # ---------------------------------------------------------------------------------------------------------------
