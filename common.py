@@ -295,22 +295,21 @@ def session(args, model_name: str):
         _restore_process_state(saved)
 
 
-_CREATED_RUN_FOLDERS = []  # the output folders setup() made in this process
+_CREATED_RUN_FOLDERS = []  # the folders setup() made for the current run: its output folder, then those above it
 
 
 def discard_unused_run_folder() -> None:
     """After a user error, remove a folder that setup() made for this run and that holds nothing but its config.json
     (the run stopped before it wrote anything, e.g. on missing data), so that failed starts leave no clutter in runs/.
     A folder that existed before, or that holds any other file, is kept."""
-    while _CREATED_RUN_FOLDERS:
-        out, *parents = _CREATED_RUN_FOLDERS.pop()  # the folder, then those mkdir made above it (runs/)
-        if not (out.is_dir() and [p.name for p in out.iterdir()] == ["config.json"]):
-            continue
-        (out / "config.json").unlink()
-        for folder in [out, *parents]:
-            if any(folder.iterdir()):
-                break
-            folder.rmdir()
+    created, _CREATED_RUN_FOLDERS[:] = list(_CREATED_RUN_FOLDERS), []
+    if not created or [p.name for p in created[0].iterdir()] != ["config.json"]:
+        return
+    (created[0] / "config.json").unlink()
+    for folder in created:  # the output folder, then runs/ if mkdir made it and it is now empty
+        if any(folder.iterdir()):
+            break
+        folder.rmdir()
 
 
 def setup(args, model_name: str) -> Run:
@@ -352,8 +351,7 @@ def setup(args, model_name: str) -> Run:
                            f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     if rank == 0 and not args.benchmark:
         try:
-            if not out.exists():
-                _CREATED_RUN_FOLDERS.append([folder for folder in [out, *out.parents] if not folder.exists()])
+            _CREATED_RUN_FOLDERS[:] = [folder for folder in [out, *out.parents] if not folder.exists()]
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create the output folder {out} ({e.strerror}); choose another with --out")
