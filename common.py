@@ -1320,14 +1320,20 @@ def sample_lines(data: TextData, samples: torch.Tensor) -> list:
     return [" ".join(data.vocab.decode(row)) for row in samples.cpu()]
 
 
-def inverse_cdf_sample(logits: torch.Tensor, generator: typing.Optional[torch.Generator] = None) -> torch.Tensor:
+def cdf_dtype(device: torch.device) -> torch.dtype:
+    """float64 on a CPU; float32 on a GPU (MPS has no float64), which moves a class's probability by ~1e-7 at most."""
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
+def inverse_cdf_sample(logits: torch.Tensor, generator: typing.Optional[torch.Generator] = None,
+                       uniform: typing.Optional[torch.Tensor] = None) -> torch.Tensor:
     """One draw per row of softmax(logits) (n, V) -> (n,), by inverting the CDF: exact, and several times faster
-    than torch.multinomial over thousands of classes on a CPU. The CDF is summed in float64 on a CPU; on a GPU in
-    float32 (MPS has no float64), which moves a class's probability by ~1e-7 at most."""
-    dtype = torch.float64 if logits.device.type == "cpu" else torch.float32
-    cdf = torch.softmax(logits.float(), -1).to(dtype).cumsum_(-1)
-    u = torch.rand(len(cdf), 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+    than torch.multinomial over thousands of classes on a CPU. The CDF is summed in cdf_dtype. `uniform` (n, 1) in
+    [0, 1) supplies the draws instead of `generator`."""
+    cdf = torch.softmax(logits.float(), -1).to(cdf_dtype(logits.device)).cumsum_(-1)
+    if uniform is None:
+        uniform = torch.rand(len(cdf), 1, generator=generator, dtype=cdf.dtype, device=cdf.device)
+    return torch.searchsorted(cdf, uniform * cdf[:, -1:]).squeeze(1).clamp_(max=logits.shape[-1] - 1)
 
 
 class SeqGANOracle:
@@ -1378,8 +1384,10 @@ class SeqGANOracle:
         return h, c, h @ p["Wo"] + p["bo"]
 
     @torch.no_grad()
-    def nll(self, tokens: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
-        """Per-sequence mean NLL in nats per token, teacher-forced (SeqGAN's target_loss averages these)."""
+    def nll(self, tokens: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+        """Per-sequence mean NLL in nats per token, teacher-forced (SeqGAN's target_loss averages these). Rows are
+        independent, so `batch_size` changes the speed and float32 rounding only: 128 rows of 5,000 logits stay in a
+        CPU's cache, about 3x faster than 2,048."""
         out = []
         for chunk in tokens.to(self.device).split(batch_size):
             batch, length = chunk.shape
@@ -1394,20 +1402,26 @@ class SeqGANOracle:
         return torch.cat(out)
 
     @torch.no_grad()
-    def sample(self, count: int, generator: torch.Generator, batch_size: int = 2048) -> torch.Tensor:
-        """count x 20 token ids drawn from the oracle with `generator` (on the oracle's device)."""
+    def sample(self, count: int, generator: torch.Generator, batch_size: int = 2048, block: int = 128) -> torch.Tensor:
+        """count x 20 token ids drawn from the oracle with `generator` (on the oracle's device). The uniforms are drawn
+        per batch of `batch_size` sequences, step by step, in the order one pass over the batch would draw them, then
+        used by blocks of `block` rows that stay in cache (as in nll, 3x faster): the sequences depend on the seed
+        and `batch_size`, not on `block` (the 9,984 test sequences of the paper's oracle came out identical to
+        those of one pass over each batch)."""
         out = []
         for start in range(0, count, batch_size):
             batch = min(batch_size, count - start)
-            h = c = torch.zeros(batch, self.dim, dtype=self.p["Wi"].dtype, device=self.device)
-            x = self.p["g_embeddings"][torch.full((batch,), self.start_token, device=self.device)]
-            tokens = []
-            for _ in range(self.seq_len):
-                h, c, logits = self._cell(x, h, c)
-                token = inverse_cdf_sample(logits, generator)
-                tokens.append(token)
-                x = self.p["g_embeddings"][token]
-            out.append(torch.stack(tokens, 1))
+            uniforms = torch.cat([torch.rand(batch, 1, generator=generator, dtype=cdf_dtype(self.device),
+                                             device=self.device) for _ in range(self.seq_len)], 1)
+            for rows in uniforms.split(block):
+                h = c = torch.zeros(len(rows), self.dim, dtype=self.p["Wi"].dtype, device=self.device)
+                x = self.p["g_embeddings"][torch.full((len(rows),), self.start_token, device=self.device)]
+                tokens = []
+                for t in range(self.seq_len):
+                    h, c, logits = self._cell(x, h, c)
+                    tokens.append(inverse_cdf_sample(logits, uniform=rows[:, t:t + 1]))
+                    x = self.p["g_embeddings"][tokens[-1]]
+                out.append(torch.stack(tokens, 1))
         return torch.cat(out)
 
 

@@ -89,6 +89,29 @@ def test_oracle_samples_score_its_entropy_and_other_tokens_score_worse():
     assert common.SeqGANOracle(flat).nll(uniform).mean().item() == pytest.approx(math.log(50), rel=1e-6)
 
 
+def test_oracle_draws_do_not_depend_on_its_cache_blocks():
+    """Datasets drawn from a seed stay the same sequences whatever block size the oracle computes in: the same as one
+    pass over each batch, drawing one uniform per row per step and inverting the CDF."""
+    oracle = common.SeqGANOracle(tiny_oracle_params(vocab=50, dim=8, seed=3))
+    generator = torch.Generator().manual_seed(4)
+    expected = []
+    for batch in (32, 18):  # 50 sequences in batches of 32
+        h = c = torch.zeros(batch, 8)
+        x, tokens = oracle.p["g_embeddings"][torch.zeros(batch, dtype=torch.long)], []
+        for _ in range(20):
+            h, c, logits = oracle._cell(x, h, c)
+            u = torch.rand(batch, 1, generator=generator, dtype=torch.float64)
+            cdf = torch.softmax(logits, -1).double().cumsum(-1)
+            tokens.append((cdf < u * cdf[:, -1:]).sum(-1))  # the first class whose CDF reaches u
+            x = oracle.p["g_embeddings"][tokens[-1]]
+        expected.append(torch.stack(tokens, 1))
+    expected = torch.cat(expected)
+    for block in (32, 7, 1):
+        assert torch.equal(oracle.sample(50, torch.Generator().manual_seed(4), batch_size=32, block=block), expected)
+    assert oracle.nll(expected, batch_size=3).tolist() == pytest.approx(oracle.nll(expected, batch_size=50).tolist(),
+                                                                       rel=1e-6)
+
+
 def test_random_oracle_is_drawn_from_the_seed():
     a, b, c = (common.SeqGANOracle.random(seed, vocab=20, dim=4) for seed in (0, 0, 1))
     assert torch.equal(a.p["Wi"], b.p["Wi"]) and not torch.equal(a.p["Wi"], c.p["Wi"])
