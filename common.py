@@ -1406,8 +1406,7 @@ class SeqGANOracle:
         """count x 20 token ids drawn from the oracle with `generator` (on the oracle's device). The uniforms are drawn
         per batch of `batch_size` sequences, step by step, in the order one pass over the batch would draw them, then
         used by blocks of `block` rows that stay in cache (as in nll, 3x faster): the sequences depend on the seed
-        and `batch_size`, not on `block` (the 9,984 test sequences of the paper's oracle came out identical to
-        those of one pass over each batch)."""
+        and `batch_size`, not on `block`, so the datasets drawn before blocks existed are drawn again."""
         out = []
         for start in range(0, count, batch_size):
             batch = min(batch_size, count - start)
