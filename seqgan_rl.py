@@ -276,7 +276,11 @@ class Discriminator(nn.Module):
     def classify(self, embedded: torch.Tensor) -> torch.Tensor:
         """(B, T, E) embeddings -> (B, 2) logits for (fake, real)."""
         x = embedded.transpose(1, 2)  # (B, E, T): Conv1d slides along T
-        c = torch.cat([F.relu(conv(x)).amax(dim=2) for conv in self.convs], dim=1)  # (B, F) max-over-time features
+        # max over time, then ReLU: ReLU is monotone, so this is the paper's relu-then-max in value and gradient,
+        # on T times fewer elements; max's gradient goes to one position (as the official code's tf.nn.max_pool
+        # does) where amax's splits ties and costs an elementwise pass over (B, F, T): the paper-sized D step ran
+        # 1.06-1.11x as fast under --amp on 2 CPU cores, float32 about even (README, "float32 and bf16")
+        c = F.relu(torch.cat([conv(x).max(dim=2).values for conv in self.convs], dim=1))  # (B, F) features
         tau = torch.sigmoid(self.highway_gate(c))  # the transform gate, no extra bias (official code: bias 0)
         c = tau * F.relu(self.highway_transform(c)) + (1 - tau) * c
         return self.output(self.dropout(c))

@@ -141,6 +141,32 @@ def test_the_highway_layer_gates_transform_against_carry():
             assert torch.allclose(D(tokens), expected, atol=1e-5), bias
 
 
+def test_max_pooled_features_match_the_papers_relu_then_max_in_value_and_gradient():
+    """D pools max-then-ReLU for speed; Yu et al. (Kim 2014) apply ReLU at every position, then max over time. The
+    two must give the same logits and the same gradients for every D parameter, the embedding included."""
+    torch.manual_seed(0)
+    D = S.Discriminator(30, 9, 6, widths=[1, 3, 9], counts=[5, 4, 3], dropout=0.0)
+    tokens = torch.randint(30, (16, 9))
+
+    def paper_logits():
+        x = D.embedding(tokens).transpose(1, 2)
+        c = torch.cat([torch.relu(conv(x)).amax(dim=2) for conv in D.convs], dim=1)
+        tau = torch.sigmoid(D.highway_gate(c))
+        return D.output(tau * torch.relu(D.highway_transform(c)) + (1 - tau) * c)
+
+    def gradients(logits):
+        D.zero_grad(set_to_none=True)
+        (logits * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        return {name: p.grad.clone() for name, p in D.named_parameters()}
+
+    expected, got = paper_logits(), D(tokens)
+    assert torch.allclose(got, expected, atol=1e-6)
+    reference, ours = gradients(expected), gradients(got)
+    for name in reference:
+        assert torch.allclose(ours[name], reference[name], atol=1e-6), name
+    assert reference["convs.0.weight"].abs().sum() > 0 and reference["embedding.weight"].abs().sum() > 0
+
+
 def test_d_learns_to_tell_the_data_from_generated_sequences():
     """discriminator_set labels real sequences 1 and G's samples 0, and discriminator_step fits D to that: after a
     few epochs D gives the real sequences (all 1s) a high P(real) and G's (all 5s) a low one."""
