@@ -67,6 +67,10 @@ def test_generator_has_skip_connections_and_tied_embeddings():
     h2, _ = G.cells[1](torch.cat([x, h1], 1) @ G.cells[1].w_input, state[1])
     expected = torch.cat([h1, h2], 1) @ G.out_proj.t() @ E.t() + G.out_bias
     torch.testing.assert_close(logits, expected)
+    # tied means trained from both ends: token 6 is no input here, so its row's gradient is the output side's alone,
+    # d(logit_6)/d(E_6) = the output vector, summed over the batch
+    logits[:, 6].sum().backward()
+    torch.testing.assert_close(E.grad[6], output.detach().sum(0))
     assert G.embedding.trainable.shape == (7, 3) and G.out_proj.shape == (3, 8)
     assert S.Generator(7, 3, 4, layers=1).out_proj is None  # one layer: in_proj is reused, as the official code
 
