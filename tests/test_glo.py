@@ -101,6 +101,44 @@ def test_projection_onto_the_sphere_and_the_ball():
     assert torch.allclose(inside, z / 5)  # relative lengths kept, the longest on the sphere
 
 
+def test_interpolation_follows_the_great_circle_on_the_sphere_and_the_line_in_the_ball():
+    """On the sphere every point of the path has norm 1 and the angle from z0 grows evenly with t (slerp); the ball
+    is convex, so its path is the straight line."""
+    z0, z1 = glo.project(torch.randn(2, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64), "sphere")
+    t = torch.linspace(0, 1, 5, dtype=torch.float64)[:, None]
+    path = glo.interpolate(z0, z1, t, "sphere")
+    angle = torch.arccos(z0 @ z1)
+    torch.testing.assert_close(path.norm(dim=1), torch.ones(5, dtype=torch.float64))
+    torch.testing.assert_close(torch.arccos((path @ z0).clamp(-1, 1)), t[:, 0] * angle, atol=1e-6, rtol=0)
+    torch.testing.assert_close(path[[0, -1]], torch.stack([z0, z1]))
+    torch.testing.assert_close(glo.interpolate(z0 / 2, z1 / 2, t, "ball"), (1 - t) * z0 / 2 + t * z1 / 2)
+
+
+class Replay(torch.nn.Module):
+    """A stand-in G that outputs fixed images whatever the codes (0 * z keeps the codes in the graph), times a gain of
+    1 that gives it a parameter to report a gradient norm for."""
+
+    def __init__(self, images: torch.Tensor):
+        super().__init__()
+        self.images, self.gain = images, torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.gain * self.images + 0 * z.sum()
+
+
+def test_g_learns_pixels_in_minus_one_to_one_and_decodes_them_back_to_uint8():
+    """G ends in tanh, so pixel p in 0..255 is the target p / 127.5 - 1: a G that outputs exactly that has zero loss,
+    and decode turns its output back into the same uint8 images."""
+    torch.manual_seed(0)
+    args = glo.Args(z_dim=6, image_size=16, g_width=4, loss="l2")
+    images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
+    model = glo.build_glo(args, 1, glo.into_constraint_set(torch.randn(8, 6), args.constraint), torch.device("cpu"))
+    model.generator = Replay(images.float() / 127.5 - 1)
+    metrics = glo.train_step(model, args, lambda: (images, torch.arange(8)), torch.device("cpu"))
+    assert metrics["loss/rec"].item() == 0.0
+    assert torch.equal(glo.decode(model.generator, torch.zeros(8, 6)), images)
+
+
 @pytest.mark.parametrize("constraint", ["sphere", "ball"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_codes_stay_in_the_constraint_set_after_updates_and_only_the_batch_moves(constraint, optimizer):

@@ -294,6 +294,25 @@ def test_d_learns_to_tell_real_from_generated():
     assert metrics[-1]["d/real"] - metrics[-1]["d/fake"] > 0.5 > metrics[0]["d/real"] - metrics[0]["d/fake"]
 
 
+def test_the_d_step_masks_each_batch_by_its_own_end_tokens():
+    """D's real and fake logits are zeroed after each batch's own first end token: the real rows end at step 2,
+    the untrained G's samples wherever they drew EOS."""
+    torch.manual_seed(0)
+    vocab = common.Vocabulary([common.PAD, common.BOS, common.EOS, common.UNK, "a", "b"])
+    real = torch.tensor([[4, 2, 0, 0, 0, 0]] * 8)
+    data = common.TextData(real, real, vocab, vocab.index[common.BOS], "toy", [])
+    args = S.Args(**{**TINY, "dataset": "oracle"})
+    gan = S.build_scratchgan(args, data, torch.device("cpu"))
+    layout = S.token_layout(data)
+    calls, forward = [], gan.discriminator.forward
+    gan.discriminator.forward = lambda tokens, mask: calls.append((tokens, mask)) or forward(tokens, mask)
+    S.discriminator_step(gan, real, layout, args)
+    (real_seen, real_mask), (fake, fake_mask) = calls
+    assert torch.equal(real_seen, real) and torch.equal(real_mask, real_mask[:1].expand(8, -1))
+    assert real_mask[0].tolist() == [True, True, False, False, False, False]
+    assert torch.equal(fake_mask, S.sequence_mask(fake, layout.end)) and not torch.equal(fake_mask, real_mask)
+
+
 def test_nll_test_counts_words_and_eos_but_neither_pad_nor_unk():
     G = constant_generator([0.0, 1.0, 2.0, 3.0, 4.0])
     vocab = common.Vocabulary([common.PAD, common.BOS, common.EOS, common.UNK, "w"])

@@ -202,6 +202,32 @@ def test_nll_test_counts_words_and_eos_but_neither_pad_nor_unk():
     assert oracle_like.scored(tokens).all() and oracle_like.oov_rate(tokens) == 0.0
 
 
+def test_reward_baseline_is_a_bias_corrected_running_mean_per_position():
+    """After n updates the baseline is the average of the batches' mean rewards per position, batch i weighted by
+    decay^(n-i): a moving average whose zero start is divided out, so its first value is the first batch's mean."""
+    decay, batches = 0.9, [torch.rand(5, 3, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    baseline = S.RewardBaseline(3, decay, "cpu")
+    assert baseline.value() is None
+    for n in range(1, len(batches) + 1):
+        baseline.update(batches[n - 1])
+        weights = [decay ** (n - i) for i in range(1, n + 1)]
+        expected = sum(w * b.mean(0) for w, b in zip(weights, batches)) / sum(weights)
+        torch.testing.assert_close(baseline.value(), expected)
+
+
+def test_the_roll_out_copy_follows_g_with_delay_r():
+    """--rollout-update R (the official rollout.update_params): after each G step, theta_roll <- R theta_roll +
+    (1 - R) theta_G, with theta_G the updated generator."""
+    torch.manual_seed(0)
+    args = S.Args(**{**TINY, "dataset": "oracle", "rollout_update": 0.8})
+    gan = S.build_seqgan(args, 7, 20, torch.device("cpu"))
+    before = [p.detach().clone() for p in gan.rollout.parameters()]
+    S.policy_gradient_step(gan, 20, 0, args, {})
+    assert any(not torch.equal(old, p) for old, p in zip(before, gan.generator.parameters()))  # G has moved
+    for old, p_roll, p in zip(before, gan.rollout.parameters(), gan.generator.parameters()):
+        torch.testing.assert_close(p_roll, 0.8 * old + 0.2 * p.detach())
+
+
 def test_reinforce_on_a_bandit_moves_probability_to_the_rewarded_action():
     """A categorical policy over 4 actions, reward 1 for action 2 only: ascending the policy-gradient loss of the
     file moves the probability there, with or without a baseline, and the baseline lowers the gradient's variance."""
