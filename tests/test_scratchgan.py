@@ -305,7 +305,12 @@ def test_the_d_step_masks_each_batch_by_its_own_end_tokens():
     gan = S.build_scratchgan(args, data, torch.device("cpu"))
     layout = S.token_layout(data)
     calls, forward = [], gan.discriminator.forward
-    gan.discriminator.forward = lambda tokens, mask: calls.append((tokens, mask)) or forward(tokens, mask)
+
+    def recording_forward(tokens, mask):
+        calls.append((tokens, mask))
+        return forward(tokens, mask)
+
+    gan.discriminator.forward = recording_forward
     S.discriminator_step(gan, real, layout, args)
     (real_seen, real_mask), (fake, fake_mask) = calls
     assert torch.equal(real_seen, real) and torch.equal(real_mask, real_mask[:1].expand(8, -1))
