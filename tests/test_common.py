@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import random
 import re
 import socket
 import subprocess
@@ -364,6 +365,12 @@ def test_batches_cover_each_epoch_once_and_resume_exactly():
     assert not torch.equal(torch.cat(second), epoch[:8])  # a fresh permutation each epoch
     unlabelled = common.Batches((images, None), 4, seed=1, device=torch.device("cpu"))
     assert unlabelled.next()[1] is None and torch.equal(unlabelled.next()[0], first[1][0])
+    # the state is the whole state: loaded into a batcher that is elsewhere (another epoch), it continues the same
+    elsewhere = common.Batches((images, labels), 4, seed=1, device=torch.device("cpu"))
+    for _ in range(13):
+        elsewhere.next()
+    elsewhere.load_state_dict(state)
+    assert all(torch.equal(a, elsewhere.next()[0].flatten()) for a in rest)
 
 
 def test_batches_give_each_rank_its_own_shard():
@@ -463,12 +470,30 @@ def test_exact_float32_turns_tf32_off_inside_and_restores_it():
 def test_checkpoint_round_trip_restores_rng(tmp_path, map_location):
     torch.manual_seed(5)
     np.random.seed(5)
+    random.seed(5)
     common.save_checkpoint(tmp_path / "c.pt", {"step": 3, "weights": torch.ones(2)})
-    expected = torch.rand(3), np.random.rand(2)
+    expected = torch.rand(3), np.random.rand(2), random.random()
     checkpoint = common.load_checkpoint(tmp_path / "c.pt", map_location=map_location)
     common.restore_rng(checkpoint)
     assert checkpoint["step"] == 3 and torch.equal(checkpoint["weights"].cpu(), torch.ones(2))
     assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
+    assert random.random() == expected[2]  # Python's generator too, for a user's code that draws from it
+
+
+def test_state_dicts_round_trip_and_a_trick_switched_on_or_off_does_not_fit():
+    """A part that is None (a trick that is off) is saved as None; resuming with it switched the other way is the
+    ValueError that resume turns into its one-line 'does not fit' message, in both directions."""
+    torch.manual_seed(0)
+    saved = common.state_dicts({"net": torch.nn.Linear(2, 2), "ema": None})
+    assert saved["ema"] is None
+    net = torch.nn.Linear(2, 2)
+    common.load_state_dicts({"net": net, "ema": None}, saved)
+    assert torch.equal(net.weight, saved["net"]["weight"])
+    with pytest.raises(ValueError, match="ema is on here but not in the checkpoint"):
+        common.load_state_dicts({"net": net, "ema": torch.nn.Linear(2, 2)}, saved)
+    with_ema = common.state_dicts({"net": net, "ema": torch.nn.Linear(2, 2)})
+    with pytest.raises(ValueError, match="ema is off here but not in the checkpoint"):
+        common.load_state_dicts({"net": net, "ema": None}, with_ema)
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """dcgan.py: networks, losses and tricks on known inputs; training runs through main() and the command line."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 import common
@@ -56,6 +58,18 @@ def test_weights_follow_the_dcgan_initialisation():
     assert abs(G.norms[1].bn.weight.mean().item() - 1) < 0.01
 
 
+def test_auto_d_norm_follows_each_papers_choice():
+    """--d-norm auto: batch norm (Radford §3), none under spectral norm (Miyato et al. 2018 use no batch norm in
+    D), layer norm under WGAN-GP (Gulrajani et al. §4); and the D built from it has those layers."""
+    assert dcgan.Args().discriminator_norm() == "batch"
+    assert dcgan.Args(spectral_norm=True).discriminator_norm() == "none"
+    assert dcgan.Args(loss="wgan-gp").discriminator_norm() == "layer"
+    assert dcgan.Args(spectral_norm=True, d_norm="batch").discriminator_norm() == "batch"
+    gan = dcgan.build_gan(dcgan.Args(spectral_norm=True, image_size=16, d_width=4, g_width=4, device="cpu"), 1, 0,
+                          torch.device("cpu"))
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) for m in gan.discriminator.modules())
+
+
 def test_spectral_norm_bounds_the_top_singular_value():
     torch.manual_seed(0)
     D = dcgan.Discriminator(3, 32, 16, norm="none")
@@ -69,6 +83,45 @@ def test_spectral_norm_bounds_the_top_singular_value():
     for layer in list(D.convs) + [D.score]:
         sigma = torch.linalg.matrix_norm(layer.weight.flatten(1), ord=2)
         assert sigma <= 1.01 and sigma > 0.95
+    # G's transposed convs (--spectral-norm-g): the weight is (in, out, k, k), so the matrix whose top singular
+    # value is bounded has one row per output channel
+    G = dcgan.Generator(8, 1, 16, 8)
+    for conv in G.convs:
+        nn.init.normal_(conv.weight, 0, 1.0)
+    dcgan.apply_spectral_norm(G)
+    for _ in range(30):
+        G(torch.randn(8, 8))
+    for layer in list(G.convs) + [G.to_image]:
+        sigma = torch.linalg.matrix_norm(layer.weight.transpose(0, 1).flatten(1), ord=2)
+        assert sigma <= 1.01 and sigma > 0.95
+
+
+def test_conditional_batchnorm_starts_as_plain_batchnorm_and_scales_by_one_plus_the_gain():
+    """BigGAN §3: BN(h) (1 + W_g e) + W_b e, so zero projections leave plain BatchNorm, not a zeroed layer."""
+    torch.manual_seed(0)
+    norm, plain = dcgan.ConditionalBatchNorm(3, embed_dim=2), nn.BatchNorm2d(3, affine=False)
+    h, e = torch.randn(4, 3, 2, 2), torch.randn(4, 2)
+    nn.init.zeros_(norm.gain.weight), nn.init.zeros_(norm.bias.weight)
+    assert torch.allclose(norm(h, e), plain(h), atol=1e-6)
+    nn.init.normal_(norm.gain.weight), nn.init.normal_(norm.bias.weight)
+    expected = plain(h) * (1 + e @ norm.gain.weight.T)[:, :, None, None] + (e @ norm.bias.weight.T)[:, :, None, None]
+    assert torch.allclose(norm(h, e), expected, atol=1e-5)
+
+
+def test_projection_discriminator_adds_the_class_embedding_dotted_with_the_summed_features():
+    """Miyato & Koyama 2018 eq. 3: f(x, y) = psi(phi(x)) + e(y)^T phi(x), phi(x) the last features summed over
+    space; so two labels' scores for one image differ by (e(y1) - e(y2))^T phi(x)."""
+    torch.manual_seed(0)
+    D = dcgan.Discriminator(1, 16, 8, norm="none", num_classes=10)
+    nn.init.normal_(D.embedding.weight, 0, 1)
+    features = []
+    D.score.register_forward_pre_hook(lambda module, inputs: features.append(inputs[0]))
+    x = torch.randn(1, 1, 16, 16).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        scores = D(x, torch.tensor([3, 7]))
+    phi = features[0][0].sum(dim=(1, 2))  # (channels,)
+    expected = (D.embedding.weight[3] - D.embedding.weight[7]) @ phi
+    assert (scores[0] - scores[1]).item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_conditional_networks_depend_on_the_label():
@@ -120,6 +173,9 @@ def test_noisy_and_flipped_labels():
     torch.manual_seed(0)
     real, fake = dcgan.discriminator_targets(dcgan.Args(noisy_labels=True), 10_000, torch.device("cpu"))
     assert 0.7 <= real.min() and real.max() <= 1.2 and 0 <= fake.min() and fake.max() <= 0.3
+    # uniform over the whole of each range (ganhacks #6): mean at the centre, the ends reached
+    assert real.mean().item() == pytest.approx(0.95, abs=0.01) and real.max() > 1.19
+    assert fake.mean().item() == pytest.approx(0.15, abs=0.01) and fake.max() > 0.29
     real, fake = dcgan.discriminator_targets(dcgan.Args(label_flip=0.2), 10_000, torch.device("cpu"))
     assert (real == 0).float().mean().item() == pytest.approx(0.2, abs=0.02)
     assert (fake == 1).float().mean().item() == pytest.approx(0.2, abs=0.02)
@@ -187,6 +243,69 @@ def test_wgan_gp_draws_one_interpolation_point_per_sample():
     eps = torch.rand(6)
     assert eps.std() > 0.1  # six different draws, so one eps for the whole batch would give another value
     assert penalty.item() == pytest.approx(((eps * real.flatten(1).norm(dim=1) - 1) ** 2).mean().item(), rel=1e-5)
+
+
+def test_wgan_gp_draws_one_interpolation_point_per_pack():
+    """With pack 2 a D input is a pair, so the pair shares one eps: its x_hat lies on the segment between a real
+    pair and a fake pair. Critic ||pack||^2 / 2 from fakes at 0: the penalty is the mean of (eps_p ||pair_p|| - 1)^2,
+    with eps drawn once per pack; an eps per image would mix two points in one input."""
+    class PackedSquareCritic(nn.Module):
+        pack = 2
+
+        def forward(self, x, labels=None):
+            return x.reshape(len(x) // 2, -1).pow(2).sum(1) / 2
+
+    real = torch.arange(1.0, 7.0).view(6, 1, 1, 1).expand(6, 1, 2, 2).contiguous()
+    torch.manual_seed(3)
+    penalty = dcgan.gradient_penalty(PackedSquareCritic(), real, torch.zeros_like(real), None)
+    torch.manual_seed(3)
+    eps = torch.rand(3)
+    pair_norms = real.reshape(3, -1).norm(dim=1)  # pairs (1, 2), (3, 4), (5, 6)
+    assert penalty.item() == pytest.approx(((eps * pair_norms - 1) ** 2).mean().item(), rel=1e-5)
+
+
+def test_the_d_step_descends_the_loss_plus_half_gamma_r1():
+    """Mescheder et al. 2018 eq. 9: D minimises its loss + gamma / 2 E||grad_x D(x)||^2 on real data. The gradient
+    D's optimiser steps on, recomputed by hand from a copy of D taken before the step, on the same batches."""
+    torch.manual_seed(0)
+    gamma = 5.0
+    args = dcgan.Args(image_size=16, batch_size=8, g_width=4, d_width=4, z_dim=8, r1=gamma, d_norm="none",
+                      device="cpu")
+    gan = dcgan.build_gan(args, 1, 0, torch.device("cpu"))
+    D_before = copy.deepcopy(gan.discriminator)
+    fakes, stepped = [], []
+    gan.generator.register_forward_hook(lambda module, inputs, output: fakes.append(output.detach()))
+    gan.opt_d.register_step_pre_hook(
+        lambda opt, *_: stepped.append([p.grad.clone() for p in gan.discriminator.parameters()]))
+    images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
+    dcgan.train_step(gan, args, lambda: (images, None), 0, 10, torch.device("cpu"))
+    real = (images.float() / 127.5 - 1).requires_grad_(True)
+    real_scores, fake_scores = D_before(real), D_before(fakes[0])
+    (grad_x,) = torch.autograd.grad(real_scores.sum(), real, create_graph=True)
+    r1 = grad_x.pow(2).flatten(1).sum(1).mean()
+    loss = F.binary_cross_entropy_with_logits(real_scores, torch.ones(8)) + \
+        F.binary_cross_entropy_with_logits(fake_scores, torch.zeros(8)) + gamma / 2 * r1
+    expected = torch.autograd.grad(loss, list(D_before.parameters()))
+    for got, want in zip(stepped[0], expected):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_instance_noise_reaches_real_and_fake_inputs_and_anneals_linearly():
+    """Sønderby et al. 2017: the same Gaussian noise on both of D's inputs, in D's step and in G's, with a std
+    that falls linearly from --instance-noise at step 0 to 0 at the end of the planned steps."""
+    torch.manual_seed(0)
+    args = dcgan.Args(image_size=16, batch_size=32, g_width=8, d_width=8, z_dim=8, instance_noise=0.4, device="cpu")
+    gan = dcgan.build_gan(args, 1, 0, torch.device("cpu"))
+    fakes, d_inputs = [], []
+    gan.generator.register_forward_hook(lambda module, inputs, output: fakes.append(output.detach()))
+    gan.discriminator.register_forward_pre_hook(lambda module, inputs: d_inputs.append(inputs[0].detach()))
+    images = torch.zeros(32, 1, 16, 16, dtype=torch.uint8)  # real = -1 everywhere
+    for step, planned, sigma in [(0, 100, 0.4), (50, 100, 0.2), (75, 100, 0.1)]:
+        fakes.clear(), d_inputs.clear()
+        dcgan.train_step(gan, args, lambda: (images, None), step, planned, torch.device("cpu"))
+        real_in, fake_in, g_in = d_inputs
+        for noise in (real_in + 1, fake_in - fakes[0], g_in - fakes[0]):
+            assert noise.std().item() == pytest.approx(sigma, rel=0.05) and noise.mean().abs() < 0.02
 
 
 @pytest.mark.parametrize("loss", ["ns", "hinge", "lsgan", "wgan-gp"])
@@ -275,6 +394,28 @@ def test_orthogonal_regularisation_is_zero_only_for_orthogonal_filters():
     with torch.no_grad():
         conv.weight[1, 0] = 1.0  # filters 0 and 1 now overlap: <w0, w1> = 5
     assert dcgan.orthogonal_regularisation(conv).item() == pytest.approx(2 * 25)
+    # a transposed conv's weight is (in, out, k, k): its filters are the columns, orthogonal here while the rows are
+    # not, so the penalty is 0 only if it reads the filters the right way round
+    deconv = nn.ConvTranspose2d(4, 2, 1, bias=False)
+    with torch.no_grad():
+        deconv.weight.copy_(torch.tensor([[1.0, 1.0], [1.0, -1.0], [1.0, 0.0], [0.0, 0.0]]).view(4, 2, 1, 1))
+    assert dcgan.orthogonal_regularisation(deconv).item() == 0
+
+
+def test_standing_statistics_are_the_plain_average_over_the_fixed_noise_batches():
+    """BigGAN Appendix C: the running statistics are measured afresh as an average over the batches, each batch
+    weighing the same; an exponential average from the reset would weigh the last batches most and start from 0."""
+    torch.manual_seed(0)
+    args = dcgan.Args(image_size=16, batch_size=8, g_width=8, z_dim=8, device="cpu")
+    G = dcgan.Generator(8, 1, 16, 8)
+    first = G.norms[0].bn
+    inputs = []
+    first.register_forward_pre_hook(lambda module, x: inputs.append(x[0].detach()))
+    dcgan.recompute_batchnorm_statistics(G, args, 0, torch.device("cpu"), batches=5)
+    assert len(inputs) == 5
+    batch_means = torch.stack([x.mean(dim=(0, 2, 3)) for x in inputs])
+    assert torch.allclose(first.running_mean, batch_means.mean(0), atol=1e-6)
+    assert not G.training
 
 
 def test_ema_update_follows_the_formula():

@@ -134,6 +134,22 @@ def test_split_prior_is_conditioned_on_the_half_that_stays():
     assert torch.allclose(log_prob, expected)
 
 
+def test_log_prior_sums_the_split_priors_and_the_learned_top_gaussian():
+    """log p(z) of Glow Fig. 2b: each split's conditional prior plus N(top_mean, exp(top_log_std)^2) on what leaves
+    the last level (Glow's code: --learntop), here moved off N(0, 1) so that dropping either term shows."""
+    torch.manual_seed(0)
+    glow = flow.Glow(1, 8, 2, 1, 8).double()
+    perturb(glow)
+    with torch.no_grad():
+        glow.top_mean.copy_(torch.linspace(-1, 1, glow.top_mean.numel()).view_as(glow.top_mean))
+        glow.top_log_std.copy_(torch.linspace(-0.5, 0.5, glow.top_log_std.numel()).view_as(glow.top_log_std))
+    split_log_probs = []
+    glow.splits[0].register_forward_hook(lambda module, inputs, output: split_log_probs.append(output[2]))
+    latents, _, log_prior = glow(torch.rand(3, 1, 8, 8, dtype=torch.float64) - 0.5)
+    top = torch.distributions.Normal(glow.top_mean, glow.top_log_std.exp()).log_prob(latents[-1]).flatten(1).sum(1)
+    assert torch.allclose(log_prior, split_log_probs[0] + top)
+
+
 def test_likelihood_terms_stay_float32_when_the_coupling_network_runs_in_bf16(monkeypatch):
     """What --amp does on CUDA (bf16 networks), emulated on the CPU: log-dets and priors are float32."""
     torch.manual_seed(0)
