@@ -443,6 +443,20 @@ def test_lm_scores_tell_fluent_text_and_collapse_apart(corpus, tmp_path, monkeyp
     assert fluent["mean_length"] == pytest.approx(sum(len(s.split()) for s in train) / 40)
 
 
+def test_real_text_references_are_training_sentences_and_random_words_of_the_same_lengths(corpus, tmp_path,
+                                                                                             monkeypatch):
+    """The ceiling row draws words only (no PAD, BOS, EOS or <unk>), as many per line as the floor row's training
+    sentence has words, so that the two rows differ in word choice alone."""
+    monkeypatch.setattr(evaluate.TextScorer, "real_text_lm", lambda self, dataset: None)
+    scorer = text_scorer(f"file:{corpus}", tmp_path)
+    floor, ceiling = scorer.references(60).values()
+    assert len(floor) == len(ceiling) == 60
+    assert [len(line.split()) for line in ceiling] == [len(line.split()) for line in floor]
+    assert {" ".join(scorer.data.vocab.decode(row)) for row in scorer.data.train} >= set(floor)
+    drawn = {word for line in ceiling for word in line.split()}
+    assert drawn <= set(scorer.data.vocab.tokens[4:]) and len(drawn) > 10
+
+
 def random_order(words, seed):
     import random
     words = list(words)

@@ -95,12 +95,25 @@ def test_d_drops_whole_words_sees_only_the_prefix_and_is_zero_after_the_end():
     words = seen[0][0, :, :4]  # the embedding part of D's input at each position
     assert torch.equal(words[0], words[2]) and torch.equal(words[0], words[3])  # one mask per word, not per place
     assert (words == 0).any()  # and dropout did drop something
+    torch.testing.assert_close(seen[0][0, :, 4:], S.position_signal(6))  # then the 8 position features
     assert logits[0, 5] == 0 and logits[0, 4] != 0  # the end token itself is judged, after it nothing
     D.eval()
     changed = tokens.clone()
     changed[0, 3] = 7
     a, b = D(tokens, torch.ones_like(mask)), D(changed, torch.ones_like(mask))
     assert torch.equal(a[0, :3], b[0, :3]) and not torch.equal(a[0, 3:], b[0, 3:])  # D_t sees x_1..x_t only
+
+
+def test_d_scores_each_step_from_the_lstm_output_h():
+    """D_t = w · h_t + b from the LSTM's output h_t (discriminator_nets.py), not its cell state c_t."""
+    torch.manual_seed(0)
+    D = S.Discriminator(9, seq_len=5, emb_dim=4, hidden=6, dropout=0.0).eval()
+    states = []
+    D.cell.register_forward_hook(lambda module, inputs, output: states.append(output))
+    tokens = torch.tensor([[3, 4, 5, 6, 7]])
+    logits = D(tokens, torch.ones_like(tokens, dtype=torch.bool))
+    hs = torch.stack([h for h, _ in states], 1)  # (1, T, H)
+    torch.testing.assert_close(logits, D.output(hs).squeeze(2))
 
 
 def test_d_l2_is_half_the_squared_norm_of_every_variable():
@@ -153,6 +166,22 @@ def test_sampling_draws_from_the_tempered_softmax_with_its_log_probs(temperature
     frequencies = torch.bincount(tokens.flatten(), minlength=5).float() / tokens.numel()
     assert torch.allclose(frequencies, probs, atol=0.01) and mask.all()
     torch.testing.assert_close(log_probs, probs.log()[tokens])
+
+
+def test_samples_log_probs_are_the_teacher_forced_likelihood_from_the_start_token():
+    """One generator, two paths: the log-probabilities `sample` returns are those that teacher forcing (NLL-test,
+    --mle) gives the same sequences, both fed the layout's start token first (EOS for real text, in the part
+    the official reader gives PAD); the first step is checked against G.step from that token by hand."""
+    torch.manual_seed(0)
+    G = S.Generator(9, emb_dim=4, hidden=5)
+    tokens, log_probs, mask = S.sample(G, 64, 6, start_token=2, end_token=2, rng=torch.Generator().manual_seed(0))
+    table = G.embedding.table()
+    forced = torch.log_softmax(G.logits(G.teacher_forced(tokens, 2), table), -1)
+    forced = forced.gather(2, tokens[..., None]).squeeze(2)
+    torch.testing.assert_close(log_probs, forced * mask)
+    first, _ = G.step(table, torch.full((64,), 2), G.initial_state(64, "cpu"))
+    first = torch.log_softmax(G.logits(first, table), -1).gather(1, tokens[:, :1]).squeeze(1)
+    torch.testing.assert_close(log_probs[:, 0], first)
 
 
 def test_a_sample_ends_at_its_first_end_token_which_counts():

@@ -184,6 +184,20 @@ def test_d_learns_to_tell_the_data_from_generated_sequences():
     assert gan.discriminator.prob_real(torch.full((64, 6), 5)).max() < 0.1
 
 
+def test_each_d_round_takes_a_fresh_random_subset_of_a_larger_training_set():
+    """With more training sequences than --d-samples, each round's real half is a random subset drawn afresh, so
+    that D sees all of the data over the rounds, not always its first rows."""
+    args = S.Args(**{**TINY, "d_samples": 10})
+    torch.manual_seed(0)
+    gan = S.build_seqgan(args, 11, 6, torch.device("cpu"))
+    train = torch.stack([torch.tensor([i // 11 % 11, i % 11, 0, 0, 0, 0]) for i in range(100)])  # distinct rows
+    rounds = [S.discriminator_set(gan, train, 0, args)[:10, :-1] for _ in range(2)]
+    rows = {tuple(r) for r in train.tolist()}
+    for real in rounds:
+        assert len({tuple(r) for r in real.tolist()}) == 10 and {tuple(r) for r in real.tolist()} <= rows
+    assert not torch.equal(rounds[0], train[:10]) and not torch.equal(rounds[0], rounds[1])
+
+
 def test_nll_test_counts_words_and_eos_but_neither_pad_nor_unk():
     vocab = common.Vocabulary.build([["a", "b", "c"]])
     unk, pad, eos = vocab.index[common.UNK], vocab.index[common.PAD], vocab.index[common.EOS]

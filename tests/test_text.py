@@ -226,6 +226,20 @@ def test_tokenizer_and_vocabulary_round_trip():
     assert common.tokenize_line("The Cat", lower=True) == ["the", "cat"]
 
 
+def test_scored_targets_are_the_words_and_eos_not_pad_nor_unk():
+    """NLL-test counts what the model was trained to emit: words and EOS; <unk> and the PAD after EOS are left
+    out, and oov_rate is the share of <unk> among the tokens before PAD. Every oracle token counts, 0 included."""
+    vocab = common.Vocabulary.build([["a", "b"]])
+    tokens = common.encode_sentences([["a", "zebra", "b"], ["b"]], vocab, 5)  # a <unk> b EOS PAD / b EOS PAD...
+    data = common.TextData(tokens, tokens, vocab, vocab.index[common.BOS], "toy", [])
+    assert data.scored(tokens).tolist() == [[True, False, True, True, False], [True, True, False, False, False]]
+    assert data.oov_rate(tokens) == pytest.approx(1 / 6)
+    oracle_vocab = common.Vocabulary([str(i) for i in range(3)], specials=False)
+    ids = torch.tensor([[0, 2, 1, 0]])
+    oracle_data = common.TextData(ids, ids, oracle_vocab, 0, "oracle-toy", [])
+    assert oracle_data.scored(ids).all() and oracle_data.oov_rate(ids) == 0
+
+
 def test_file_dataset_split_is_fixed_and_sentences_are_encoded(tmp_path):
     path = tmp_path / "corpus.txt"
     lines = [f"word{i % 7} and word{i % 5} ok" + " " * (i % 3) for i in range(200)]
@@ -368,6 +382,14 @@ def test_text_sample_metrics_score_against_the_test_split_and_never_a_sample_aga
     assert metrics["eval/oov_rate"] == pytest.approx(1 / 7) and metrics["eval/mean_length"] == 3
     only_first = common.text_sample_metrics(words("a b c", "x y z"), data, bleu_samples=1, self_bleu_samples=2)
     assert only_first["eval/bleu2"] == pytest.approx(1.0)  # the first bleu_samples sentences, no more
+
+
+def test_eval_temperatures_parse_every_value_and_refuse_bad_ones():
+    assert common.parse_temperatures("0.8,1,1.2") == [0.8, 1.0, 1.2]
+    assert common.parse_temperatures("") == []
+    for bad in ("0.8,0", "1,-2", "1,warm"):
+        with pytest.raises(ValueError, match="--eval-temperatures"):
+            common.parse_temperatures(bad)
 
 
 def test_sample_lines_are_token_ids_for_the_oracle_and_sentences_for_text():
