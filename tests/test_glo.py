@@ -160,11 +160,13 @@ def test_codes_stay_in_the_constraint_set_after_updates_and_only_the_batch_moves
 
 def test_pca_initialisation_spans_the_top_components():
     """Images on a 2-D plane (two orthonormal pixel patterns with std 400 and 200) plus noise of std 2: the top two
-    principal directions are the plane, and each code is its image's coordinates in that plane, normalised."""
+    principal directions are the plane, and each code is its image's coordinates in that plane, normalised. The
+    images are bright (grey level 165, 0.29 on G's [-1, 1] scale), so that a decomposition of the uncentred data
+    would put the mean image first."""
     rng = np.random.default_rng(0)
     directions = np.linalg.qr(rng.normal(size=(256, 2)))[0].T  # (2, 256) orthonormal
     coords = rng.normal(size=(300, 2)) * [400, 200]  # patterns of norm 1 over 256 pixels: about 25 and 12 grey levels
-    pixels = 128 + coords @ directions + rng.normal(size=(300, 256)) * 2
+    pixels = 165 + coords @ directions + rng.normal(size=(300, 256)) * 2
     images = torch.from_numpy(np.clip(pixels, 0, 255).round().astype(np.uint8).reshape(300, 1, 16, 16))
     mean, components = glo.principal_components(images, 3, seed=0)
     plane = torch.from_numpy(directions).float()

@@ -170,6 +170,11 @@ def test_log_importance_weights_have_all_three_terms():
         x).flatten(2).sum(-1) + torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1) - \
         torch.distributions.Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
     assert torch.allclose(log_w, expected, rtol=1e-5, atol=1e-4)
+    # and the same gradients: -log q is differentiated through z and through q's own mean and variance (Burda §3)
+    got = torch.autograd.grad(log_w.sum(), [mu, logvar], retain_graph=True)
+    want = torch.autograd.grad(expected.sum(), [mu, logvar])
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
@@ -189,6 +194,17 @@ def test_the_decoder_starts_at_the_training_images_mean_as_in_burdas_code(arch):
         assert bias[0] > 6 and bias[-1] < -6 and abs(bias[4 * 8]) < 1e-6  # logit(0.999), logit(0.001), logit(0.5)
     plain = vae.build_model(dataclasses.replace(args, decoder_bias="zero"), images, torch.device("cpu"))
     assert (plain.decoder.net[-1].bias if arch == "mlp" else plain.decoder.convs[-1].bias).abs().max() < 1
+
+
+def test_pictures_show_the_decoders_mean():
+    """E[x|z] on 0..255: sigmoid of the Bernoulli logits; the logistic's mean (on [-1, 1]) for 8-bit data."""
+    bernoulli = vae.VAE("mlp", "bernoulli", 1, 2, 2, hidden=4)
+    logits = torch.tensor([-3.0, 0.0, 0.5, 4.0]).view(1, 1, 2, 2)
+    expected = (torch.sigmoid(logits) * 255).round().to(torch.uint8)  # 12, 128, 159, 250
+    assert torch.equal(bernoulli.mean_image(logits), expected)
+    logistic = vae.VAE("mlp", "logistic", 1, 2, 2, hidden=4)
+    decoded = torch.cat([torch.tensor([-1.0, 0.0, 0.5, 1.0]).view(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)], dim=1)
+    assert logistic.mean_image(decoded).flatten().tolist() == [0, 128, 191, 255]
 
 
 def test_the_training_step_is_one_reparameterised_draw_and_the_closed_form_kl():
