@@ -81,6 +81,21 @@ def test_kid_of_one_subset_equals_the_brute_force_sum():
     assert kid == pytest.approx(brute_force_mmd(x.numpy(), y.numpy()), rel=1e-10) and spread == 0.0
 
 
+def test_kid_subsets_are_seeded_random_draws_from_both_sets():
+    """Each of the subsets takes m random rows of each set (Bińkowski et al.: 100 subsets of 1,000), drawn from the
+    seed's generator, x's rows then y's; the mean and spread are over the subsets' brute-force MMDs."""
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(12, 3, generator=gen, dtype=torch.float64), torch.randn(9, 3, generator=gen,
+                                                                               dtype=torch.float64) + 0.5
+    kid, spread = evaluate.kernel_inception_distance(x, y, subsets=3, subset_size=5, seed=7)
+    draws = torch.Generator().manual_seed(7)
+    values = []
+    for _ in range(3):
+        a, b = torch.randperm(12, generator=draws)[:5], torch.randperm(9, generator=draws)[:5]
+        values.append(brute_force_mmd(x[a].numpy(), y[b].numpy()))
+    assert kid == pytest.approx(np.mean(values), rel=1e-10) and spread == pytest.approx(np.std(values, ddof=1))
+
+
 def test_kid_is_unbiased_for_two_samples_of_one_distribution():
     # E[unbiased MMD^2] = 0 when both sides come from one distribution; with the diagonal kept (the biased form) the
     # mean would sit clearly above 0 at this small subset size.
@@ -138,6 +153,11 @@ def test_kth_neighbour_distances_skip_the_point_itself_but_not_its_duplicates():
     x = torch.tensor([[0.0], [0.0], [3.0]], dtype=torch.float64)
     assert evaluate.kth_neighbour_distances(x, 1).tolist() == [0.0, 0.0, 3.0]
     assert evaluate.kth_neighbour_distances(x, 2).tolist() == [3.0, 3.0, 3.0]
+    # in chunks of rows (as for 10,000 test features), each chunk skips its own rows' diagonal, not the first rows'
+    points = torch.randn(11, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    brute = torch.cdist(points, points) + torch.diag(torch.full((11,), math.inf, dtype=torch.float64))
+    expected = brute.sort(dim=1).values[:, 1]  # the second nearest other point
+    assert torch.equal(evaluate.kth_neighbour_distances(points, 2, chunk=4), expected)
 
 
 # ---- class histograms and Stacked MNIST -----------------------------------------------------------------------
@@ -395,6 +415,10 @@ def test_recall_per_class_names_the_classes_a_model_misses(tiny_data_dir, tiny_r
     recall = scores["recall_per_class"]
     assert min(recall[str(c)] for c in range(5)) > 0.8 and max(recall[str(c)] for c in range(5, 10)) < 0.2
     assert scores["class_kl"] > 0.5  # about log 2: half the classes carry all the mass
+    # KL(samples || test): finite although the samples miss classes; the other direction would be infinite
+    network = evaluate.load_feature_network("mnist", tiny_data_dir, torch.device("cpu"), log=lambda *_: None)
+    _, classes = network.features_and_classes(half, torch.device("cpu"))
+    assert scores["class_kl"] == pytest.approx(evaluate.histogram_kl(classes, network.test_classes, 10))
 
 
 # ---- text -----------------------------------------------------------------------------------------------------
