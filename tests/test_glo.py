@@ -208,6 +208,38 @@ def test_fitting_codes_with_a_frozen_generator_recovers_an_image():
     assert glo.pixel_mse(rebuilt, images) < 0.1 * before
     assert torch.allclose(codes.norm(dim=1), torch.ones(4), atol=1e-5)
     assert all(p.requires_grad for p in G.parameters()) and not G.training  # left as it was found
+    assert all(p.grad is None for p in G.parameters())  # G frozen: fitting codes left nothing in its gradients
+
+
+def test_one_fitting_step_is_adams_first_step_on_the_tangent_gradient_of_the_squared_error(monkeypatch):
+    """fit_codes minimises the reported error (squared, whatever --loss trained G), keeps the gradient's part
+    tangent to the sphere, and projects back: Adam's first step moves each coordinate by lr g / (|g| + eps)."""
+    torch.manual_seed(0)
+    G = glo.Generator(6, 1, 16, 8).eval()
+    images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
+    start = glo.project(torch.randn(3, 6), "sphere")
+    kinds = []
+    losses = glo.image_losses
+    monkeypatch.setattr(glo, "image_losses", lambda kind, *a: kinds.append(kind) or losses(kind, *a))
+    codes, _ = glo.fit_codes(G, images, start, glo.Args(z_dim=6, loss="lap1", eval_steps=1, eval_lr=0.05))
+    assert kinds == ["l2"]
+    z = start.clone().requires_grad_(True)
+    x = images.float() / 127.5 - 1
+    (grad,) = torch.autograd.grad((G(z) - x).pow(2).flatten(1).mean(1).sum(), z)
+    tangent = grad - (grad * start).sum(dim=1, keepdim=True) * start
+    expected = glo.project(start - 0.05 * tangent / (tangent.abs() + 1e-8), "sphere")
+    assert torch.allclose(codes, expected, atol=1e-5)
+
+
+def test_evaluation_starts_from_the_nearest_other_training_images_code_and_reports_mse_on_0_1():
+    train = torch.tensor([0, 100, 110, 255], dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 1, 2, 2).contiguous()
+    codes = torch.arange(4.0)[:, None] * torch.ones(1, 3)
+    queries = torch.tensor([105, 250, 100], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 1, 2, 2).contiguous()
+    assert glo.nearest_codes(queries, train, codes)[:, 0].tolist() == [1.0, 3.0, 1.0]  # ties go to the first
+    # a training image as its own query may not pick itself: image 1's nearest other is image 2
+    assert glo.nearest_codes(train[[1, 2]], train, codes, exclude=torch.tensor([1, 2]))[:, 0].tolist() == [2.0, 1.0]
+    assert glo.pixel_mse(train[:1], train[3:]) == pytest.approx(1.0)  # black against white: 1 on [0, 1]
+    assert glo.pixel_mse(train[1:2], train[2:3]) == pytest.approx((10 / 255) ** 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
