@@ -411,14 +411,14 @@ def test_recall_per_class_names_the_classes_a_model_misses(tiny_data_dir, tiny_r
     train = common.load_image_dataset("mnist", tiny_data_dir, 28, "train")
     half = train.images[train.labels < 5][:100]  # a "model" that only ever draws classes 0-4
     args = evaluate.Args(runs=["unused"], data_dir=str(tiny_data_dir), **SMALL)
-    scores = evaluate.ImageScorer("mnist", args, torch.device("cpu"), log=lambda *_: None).score(half)
+    scorer = evaluate.ImageScorer("mnist", args, torch.device("cpu"), log=lambda *_: None)
+    scores = scorer.score(half)
     recall = scores["recall_per_class"]
     assert min(recall[str(c)] for c in range(5)) > 0.8 and max(recall[str(c)] for c in range(5, 10)) < 0.2
     assert scores["class_kl"] > 0.5  # about log 2: half the classes carry all the mass
     # KL(samples || test): finite although the samples miss classes; the other direction would be infinite
-    network = evaluate.load_feature_network("mnist", tiny_data_dir, torch.device("cpu"), log=lambda *_: None)
-    _, classes = network.features_and_classes(half, torch.device("cpu"))
-    assert scores["class_kl"] == pytest.approx(evaluate.histogram_kl(classes, network.test_classes, 10))
+    _, classes = scorer.network.features_and_classes(half, torch.device("cpu"))
+    assert scores["class_kl"] == pytest.approx(evaluate.histogram_kl(classes, scorer.test_classes, 10))
 
 
 # ---- text -----------------------------------------------------------------------------------------------------
