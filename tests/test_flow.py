@@ -206,6 +206,35 @@ def test_bits_per_dim_includes_the_bin_width_term():
     assert flow.bits_per_dim(log_p, 784, 5).item() == pytest.approx(6.0)
 
 
+def test_evaluation_draws_its_noise_from_its_own_generator_and_averages_over_images():
+    """Test bits/dim is compared across steps and runs only if every evaluation sees the same dequantisation noise:
+    it must come from the seeded generator it is given (never the training RNG, which it must not advance), and the
+    mean is over images, not over chunks of unequal size."""
+    torch.manual_seed(0)
+    glow = flow.Glow(1, 8, 2, 1, 8)
+    perturb(glow)
+    images = torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8)
+    glow.initialise(flow.dequantize(images, 8))
+    args = flow.Args(eval_batch=8, device="cpu")  # chunks of 8, 8 and 4 images
+    training_rng = torch.get_rng_state()
+    first = flow.evaluate_bpd(glow, images, args, torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), training_rng)
+    assert flow.evaluate_bpd(glow, images, args, torch.Generator().manual_seed(3)) == first
+    assert flow.evaluate_bpd(glow, images, args, torch.Generator().manual_seed(4)) != first
+
+    noise = torch.Generator().manual_seed(3)  # the same draws, chunk by chunk, each image scored on its own
+    per_image = []
+    with torch.no_grad():
+        for chunk in images.split(8):
+            x = flow.dequantize(chunk, 8, noise)
+            for one in x:
+                _, log_det, log_prior = glow(one[None])
+                per_image.append(flow.bits_per_dim(log_prior + log_det, 64, 8).item())
+    assert first == pytest.approx(sum(per_image) / len(per_image), abs=1e-5)
+    chunk_means = [sum(per_image[:8]) / 8, sum(per_image[8:16]) / 8, sum(per_image[16:]) / 4]
+    assert abs(first - sum(chunk_means) / 3) > 1e-4  # the two averages differ here, so the check above can fail
+
+
 @pytest.mark.parametrize("n_bits", [8, 5])
 def test_uniform_noise_under_an_untrained_flow_costs_a_little_over_n_bits_per_dim(n_bits):
     """Uniform pixels have entropy n bits/dim, so no model can do better. An untrained flow (ActNorm initialised on
