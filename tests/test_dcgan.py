@@ -465,6 +465,34 @@ def test_health_warnings_catch_a_winning_discriminator_and_exploding_gradients()
     assert "grad/g" in dcgan.health_warnings({"loss/d": 1.0, "d/fake": 0.4, "grad/g": 500}, args)[0]
 
 
+@pytest.mark.parametrize("loss, pack", [("ns", 1), ("wgan-gp", 2)])
+def test_evaluation_reports_d_on_training_test_and_fake_images(loss, pack):
+    """eval/d_train against eval/d_test is the overfitting check of ADA §2: each must be D's mean score on its own
+    split (a probability under the non-saturating loss, the raw critic value otherwise), over whole packs, and
+    d_fake D's score on G's samples."""
+    torch.manual_seed(0)
+    args = dcgan.Args(image_size=16, g_width=4, d_width=4, z_dim=8, loss=loss, pack=pack, batch_size=16,
+                      device="cpu")
+    gan = dcgan.build_gan(args, 1, 0, torch.device("cpu"))
+    split = lambda seed: common.ImageData(  # noqa: E731
+        torch.randint(0, 256, (40, 1, 16, 16), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8),
+        None, 0, "noise")
+    train, test = split(1), split(2)
+    test.images[:, :, :8] = 0  # a test split D scores differently from the training split
+    metrics = dcgan.evaluate(gan, gan.generator, args, train.images, train, test, torch.device("cpu"), count=33)
+
+    def reference(images):  # 33 images: 33 packs of 1, or 16 packs of 2
+        with torch.no_grad():
+            scores = gan.discriminator(images[:33 // pack * pack].float() / 127.5 - 1, None)
+        return (torch.sigmoid(scores) if loss == "ns" else scores).mean().item()
+
+    assert metrics["eval/d_train"] == pytest.approx(reference(train.images), abs=1e-6)
+    assert metrics["eval/d_test"] == pytest.approx(reference(test.images), abs=1e-6)
+    assert abs(metrics["eval/d_train"] - metrics["eval/d_test"]) > 1e-3
+    z = dcgan.sample_z(args, 33, torch.device("cpu"), torch.Generator().manual_seed(args.seed + 11))
+    assert metrics["eval/d_fake"] == pytest.approx(reference(dcgan.generate(gan.generator, z, None)), abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training through main()
 # ---------------------------------------------------------------------------------------------------------------
