@@ -343,6 +343,21 @@ def test_folder_loader_greyscale_and_errors(tmp_path):
         common.load_image_dataset(f"folder:{tmp_path / 'nowhere'}", tmp_path / "d", 16)
 
 
+@pytest.mark.parametrize("width, height", [(64, 16), (16, 64)])
+def test_folder_images_are_scaled_by_their_short_side_and_centre_cropped(tmp_path, width, height):
+    """A 64 x 16 picture red | green | blue along its long side (24, 16, 24 pixels) at size 8: scaled to 32 x 8
+    and cropped to its middle 8 columns, exactly the green band - not squashed whole, not cut from one end."""
+    picture = np.zeros((16, 64, 3), dtype=np.uint8)
+    picture[:, :24, 0], picture[:, 24:40, 1], picture[:, 40:, 2] = 255, 255, 255
+    if height > width:
+        picture = picture.transpose(1, 0, 2).copy()
+    (tmp_path / "bands").mkdir()
+    Image.fromarray(picture).save(tmp_path / "bands" / "a.png")
+    image = common.load_image_dataset(f"folder:{tmp_path / 'bands'}", tmp_path / "d", 8).images[0].float()
+    middle = image[:, 2:6, :] if height > width else image[:, :, 2:6]  # away from the bicubic blur at the crop edge
+    assert middle[1].min() > 240 and middle[0].max() < 15 and middle[2].max() < 15
+
+
 def test_missing_data_without_network_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setitem(common.SOURCES, "mnist", {**common.SOURCES["mnist"], "mirrors": ["http://127.0.0.1:9/"]})
     with pytest.raises(common.UserError, match=r"put it at .*mnist/train-images-idx3-ubyte.gz"):

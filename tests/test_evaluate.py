@@ -170,6 +170,11 @@ def test_histogram_kl_by_hand():
     assert evaluate.histogram_kl(q, p, 3) == math.inf  # q has class 2, p never does
 
 
+def test_a_spread_across_seeds_is_the_sample_standard_deviation():
+    assert evaluate.mean_and_spread([1, 2, 3, 4]) == "2.5 ± 1.3"  # sqrt(5/3); the population std would be 1.1
+    assert evaluate.mean_and_spread([3]) == "3"  # one seed: no spread to show
+
+
 def test_stacked_modes_on_constructed_stacks():
     every_mode = torch.tensor([[a, b, c] for a in range(10) for b in range(10) for c in range(10)])
     assert evaluate.stacked_modes(every_mode) == (1000, pytest.approx(0.0, abs=1e-12))

@@ -3,6 +3,7 @@ dense rewards, discounting, the baseline, both losses, sampling; runs through ma
 resume, and one-line errors."""
 
 import math
+import types
 
 import numpy as np
 import pytest
@@ -123,6 +124,23 @@ def test_d_l2_is_half_the_squared_norm_of_every_variable():
     assert {name.split(".")[0] for name, _ in D.named_parameters()} == {"embedding", "input", "cell", "output"}
     assert any("norm" in name for name, _ in D.named_parameters())  # layer norm's gain and bias are regularised too
     assert math.isclose(D.l2_penalty().item(), expected, rel_tol=1e-5)
+
+
+def test_truncated_normal_redraws_beyond_two_standard_deviations_of_its_own_scale():
+    """TF's truncated_normal_initializer cuts at 2 std, not at +-2: for the small stds of Sonnet's layers
+    (1/sqrt(n_in)) a cut at +-2 would cut nothing."""
+    weights = S.truncated_normal_(torch.empty(100_000), 0.1)
+    assert weights.abs().max() <= 0.2 and weights.abs().max() > 0.199
+    # N(0, 1) cut to [-2, 2] has std sqrt(1 - 4 phi(2) / (2 Phi(2) - 1)) = 0.8796
+    assert weights.std().item() == pytest.approx(0.08796, rel=0.01)
+
+
+def test_the_best_checkpoint_is_selected_on_validation_never_on_test():
+    """Selecting best.pt on the test split would leak it into the reported result."""
+    data = lambda oracle, valid: types.SimpleNamespace(oracle=oracle, valid=valid)  # noqa: E731
+    assert S.selection_metric(data(None, [[1, 2]])) == "eval/nll_valid"
+    assert S.selection_metric(data(object(), None)) == "eval/nll_oracle"
+    assert S.selection_metric(data(None, None)) is None
 
 
 def test_glove_rows_follow_the_vocabulary_and_missing_words_are_random(tmp_path):
