@@ -39,6 +39,19 @@ def test_generator_works_at_every_power_of_two_size(size, channels):
     assert images.shape == (3, channels, size, size) and images.abs().max() <= 1
 
 
+def test_generator_follows_the_dcgan_initialisation():
+    """GLO's generator is DCGAN's (Bojanowski et al. §4.1), with its initialisation (Radford §4)."""
+    torch.manual_seed(0)
+    G = glo.Generator(z_dim=100, channels=3, image_size=32, width=64)
+    convs = [m for m in G.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    norms = [m for m in G.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    weights = torch.cat([c.weight.flatten() for c in convs])
+    gains = torch.cat([n.weight.flatten() for n in norms])
+    assert abs(weights.mean().item()) < 1e-3 and weights.std().item() == pytest.approx(0.02, rel=0.02)
+    assert gains.mean().item() == pytest.approx(1, abs=0.005) and gains.std().item() == pytest.approx(0.02, rel=0.1)
+    assert all(n.bias.abs().max() == 0 for n in norms) and convs[-1].bias.abs().max() == 0
+
+
 @pytest.mark.parametrize("size", [16, 32, 64])
 def test_laplacian_pyramid_reconstructs_its_input_exactly(size):
     torch.manual_seed(0)

@@ -135,6 +135,15 @@ def test_truncated_normal_redraws_beyond_two_standard_deviations_of_its_own_scal
     assert weights.std().item() == pytest.approx(0.08796, rel=0.01)
 
 
+@pytest.mark.parametrize("shape, fans", [((30, 50), (30, 50)), ((40,), (1, 40))])
+def test_glorot_uniform_bound_is_sqrt_6_over_the_two_fans(shape, fans):
+    """tf.get_variable's default: U(-a, a), a = sqrt(6 / (fan_in + fan_out)); a bias of shape [V] has fans 1, V."""
+    bound = math.sqrt(6 / sum(fans))
+    weights = torch.cat([S.glorot_uniform_(torch.empty(shape)).flatten() for _ in range(200)])
+    assert weights.abs().max() <= bound and weights.abs().max() > 0.99 * bound
+    assert weights.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)  # U(-a, a) has std a / sqrt(3)
+
+
 def test_the_best_checkpoint_is_selected_on_validation_never_on_test():
     """Selecting best.pt on the test split would leak it into the reported result."""
     data = lambda oracle, valid: types.SimpleNamespace(oracle=oracle, valid=valid)  # noqa: E731

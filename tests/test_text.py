@@ -181,6 +181,15 @@ def test_damaged_oracle_files_are_one_line_errors(tmp_path):
         common.load_text_dataset("oracle", tmp_path, oracle="paper")
 
 
+def test_token_id_files_accept_the_last_id_of_the_vocabulary_and_nothing_beyond(tmp_path):
+    path = tmp_path / "ids.txt"
+    path.write_text("0 4 2\n4 4 4\n")
+    assert common.read_token_ids(path, 5, 3).tolist() == [[0, 4, 2], [4, 4, 4]]
+    path.write_text("0 4 2\n4 5 4\n")
+    with pytest.raises(common.UserError, match=r"ids.txt:2: expected 3 ids in \[0, 5\)"):
+        common.read_token_ids(path, 5, 3)
+
+
 ORACLE_VOCAB_FOR_TESTS = 30
 
 
@@ -400,6 +409,17 @@ def test_sample_lines_are_token_ids_for_the_oracle_and_sentences_for_text():
     ids = common.Vocabulary([str(i) for i in range(5)], specials=False)
     oracle = common.TextData(tokens, tokens, ids, 0, "oracle", [], oracle=object())
     assert common.sample_lines(oracle, torch.tensor([[0, 4, 2]])) == ["0 4 2"]
+
+
+def test_a_temperature_sweep_renames_the_metrics_and_writes_num_samples_samples_per_temperature(tmp_path):
+    ids = common.Vocabulary([str(i) for i in range(5)], specials=False)
+    tokens = torch.zeros(1, 3, dtype=torch.long)
+    oracle = common.TextData(tokens, tokens, ids, 0, "oracle", [], oracle=object())
+    evaluate_at = lambda t: ({"eval/nll": 10 * t}, torch.full((6, 3), int(4 * t)))  # noqa: E731
+    metrics = common.temperature_sweep(evaluate_at, [0.5, 1.0], tmp_path, oracle, num_samples=4)
+    assert metrics == {"eval_T0.5/nll": 5.0, "eval_T1/nll": 10.0}
+    assert (tmp_path / "samples_T0.5.txt").read_text().splitlines() == ["2 2 2"] * 4
+    assert (tmp_path / "samples_T1.txt").read_text().splitlines() == ["4 4 4"] * 4
 
 
 def test_self_bleu_never_counts_a_sample_in_its_own_references():

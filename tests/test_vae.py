@@ -207,6 +207,11 @@ def test_pictures_show_the_decoders_mean():
     assert logistic.mean_image(decoded).flatten().tolist() == [0, 128, 191, 255]
 
 
+def test_data_pictures_show_bits_as_black_and_white_and_8_bit_values_as_they_are():
+    assert vae.to_picture(torch.tensor([0.0, 1.0, 1.0]), "bernoulli").tolist() == [0, 255, 255]
+    assert vae.to_picture(torch.tensor([0.0, 127.0, 255.0]), "logistic").tolist() == [0, 127, 255]
+
+
 def test_the_training_step_is_one_reparameterised_draw_and_the_closed_form_kl():
     """K&W eq. 10: -ELBO = -log p(x | mu + sigma eps) + KL(q || p), one eps ~ N(0, I) per image, recomputed here with
     torch.distributions from the same eps on a copy of the model taken before the step."""
