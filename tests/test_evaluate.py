@@ -543,10 +543,15 @@ def test_text_runs_with_a_temperature_sweep_are_compared(corpus, tmp_path, monke
     rescored = {r["run"]: r for r in json.loads((out / "comparison.json").read_text())["rows"]}
     assert len(scored) == 1 and rescored["mle"]["self_bleu2"] == pytest.approx(1.0)
     assert rescored["gan at T = 2"] == rows["gan at T = 2"]
+    # another setting (fewer samples for BLEU) scores every file again instead of reusing the cached rows
+    scored.clear()
+    evaluate.main(evaluate.Args(runs=runs, out=str(out), data_dir=str(tmp_path / "data"), device="cpu",
+                                **{**TEXT, "bleu_samples": 20}))
+    assert len(scored) == 6  # samples.txt of each run, the two other temperatures, the floor and the ceiling
 
 
 def test_oracle_runs_with_a_temperature_sweep_get_their_own_nll_test_per_temperature(small_oracle, tmp_path,
-                                                                                       one_thread):
+                                                                                       one_thread, monkeypatch):
     """Each T row carries the run's NLL-test at that T (not T = 1's), and the sweep is drawn as one curve."""
     import scratchgan
     out = tmp_path / "gan"
@@ -556,6 +561,9 @@ def test_oracle_runs_with_a_temperature_sweep_get_their_own_nll_test_per_tempera
                                     eval_temperatures="0.5,2"))
     final = evaluate.read_json_lines(out / "metrics.jsonl")[-1]
     cmp = tmp_path / "cmp"
+    plotted, real_plot = {}, common.plot_series
+    monkeypatch.setattr(common, "plot_series", lambda series, *a, **k: plotted.update(series) or
+                        real_plot(series, *a, **k))
     evaluate.main(evaluate.Args(runs=[str(out)], out=str(cmp), data_dir=str(tmp_path / "data"), device="cpu",
                                 text_samples=64))
     rows = {r["run"]: r for r in json.loads((cmp / "comparison.json").read_text())["rows"]}
@@ -564,6 +572,9 @@ def test_oracle_runs_with_a_temperature_sweep_get_their_own_nll_test_per_tempera
     assert rows["gan"]["nll_test"] == final["eval/nll_test"]
     assert len({rows["gan"]["nll_test"], rows["gan at T = 0.5"]["nll_test"], rows["gan at T = 2"]["nll_test"]}) == 3
     assert (cmp / "comparison.png").is_file()
+    # the curve: (NLL-test, NLL-oracle) at each T in increasing order, T = 1 from samples.txt (Caccia et al. §4)
+    in_order = [rows["gan at T = 0.5"], rows["gan"], rows["gan at T = 2"]]
+    assert plotted["gan (T sweep)"] == [(r["nll_test"], r["nll_oracle"]) for r in in_order]
 
 
 def test_tricks_table_interrupted_keeps_the_checkpoint_and_resumes(tiny_data_dir, tmp_path):
@@ -608,6 +619,34 @@ def test_every_trick_gets_the_same_g_steps():
         args = common.parse_args(dcgan.Args, ["--dataset", "stacked-mnist"] + evaluate.budget_flags("cpu", flags) +
                                  flags)
         assert args.epochs / args.d_steps == 1, name  # one epoch's 468 G steps each
+
+
+def test_the_language_model_cache_key_changes_with_its_recipe():
+    assert evaluate.lm_key("file:x", TINY_LM) == evaluate.lm_key("file:x", dict(TINY_LM))
+    assert evaluate.lm_key("file:x", TINY_LM) != evaluate.lm_key("file:x", {**TINY_LM, "hidden": 17})
+    assert evaluate.lm_key("file:x", TINY_LM) != evaluate.lm_key("file:y", TINY_LM)
+
+
+def test_samples_files_keep_empty_samples_at_either_end(tmp_path):
+    """A sentence that ended at its first token is an empty line, and still one of the samples."""
+    path = tmp_path / "samples.txt"
+    path.write_text("\na b\n\n")
+    assert evaluate.read_samples(path) == ["", "a b", ""]
+    path.write_text("")
+    assert evaluate.read_samples(path) == []
+
+
+def test_the_floor_row_is_a_seeded_random_subset_of_the_training_images(tiny_data_dir):
+    """Not the first images of the file: a folder dataset is stored class by class."""
+    train = common.load_image_dataset("mnist", tiny_data_dir, 28, "train").images.flatten(1)
+    floors = [evaluate.reference_images("mnist", evaluate.Args(runs=["unused"], data_dir=str(tiny_data_dir), seed=seed), 50)
+              for seed in (0, 1)]
+    first, second = (f["training images (floor)"].flatten(1) for f in floors)
+    position = {bytes(row.numpy()): i for i, row in enumerate(train)}
+    picked = [position[bytes(row.numpy())] for row in first]
+    assert len(set(picked)) == 50 and picked != list(range(50)) and max(picked) > 100
+    assert not torch.equal(first, second)
+    assert floors[0]["uniform noise (ceiling)"].shape == (50, 1, 28, 28)
 
 
 def test_cached_scores_are_reused_until_the_samples_or_settings_change(tmp_path):
