@@ -10,6 +10,7 @@ import pickle
 import random
 import re
 import socket
+import threading
 import subprocess
 import sys
 import tarfile
@@ -192,6 +193,25 @@ def test_download_refused_connection_is_a_clear_error(tmp_path):
     message = str(info.value)
     assert f"http://127.0.0.1:{port}/file.bin" in message and "by hand" in message and "\n" not in message
     assert not dest.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_download_cut_short_leaves_nothing_and_says_how_much_arrived(tmp_path):
+    """A server that announces 100 bytes and closes after 50: a source with no checksum must not keep half a file."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+
+        def serve_half():
+            connection, _ = server.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 50)
+
+        threading.Thread(target=serve_half, daemon=True).start()
+        dest = tmp_path / "file.bin"
+        with pytest.raises(common.UserError, match="connection closed after 50 of 100 bytes"):
+            common.download([f"http://127.0.0.1:{server.getsockname()[1]}/file.bin"], dest, None, timeout=5)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_dataset_downloads_into_the_data_dir(http_server, tmp_path, monkeypatch):
