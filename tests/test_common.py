@@ -340,6 +340,7 @@ def test_folder_loader_skips_and_counts_non_images_and_caches(tmp_path, capsys):
     Image.new("L", (16, 16), 128).save(root / "dogs" / "c.webp")
     (root / "dogs" / "notes.txt").write_text("not an image")
     (root / "dogs" / "broken.png").write_bytes(b"\x89PNG broken")
+    (root / "dogs" / ".DS_Store").write_bytes(b"Bud1")  # hidden files are not data: neither read nor counted
     data = common.load_image_dataset(f"folder:{root}", tmp_path / "data", 8)
     assert data.images.shape == (3, 3, 8, 8) and data.labels.tolist() == [0, 0, 1] and data.num_classes == 2
     assert data.images[0, 0].float().mean() > 250 and data.images[0, 1].float().mean() < 5  # red stays red
