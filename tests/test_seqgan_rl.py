@@ -198,6 +198,22 @@ def test_each_d_round_takes_a_fresh_random_subset_of_a_larger_training_set():
     assert not torch.equal(rounds[0], train[:10]) and not torch.equal(rounds[0], rounds[1])
 
 
+def test_a_d_round_draws_its_data_once_and_batches_it_in_an_order_seeded_by_the_round(monkeypatch):
+    """Each D round's set is drawn at its first step and dropped after its last, and its batch order depends on the
+    round's number: two rounds over the same rows do not see them in the same order."""
+    draws = []
+    rows = torch.arange(40).view(20, 2)
+    monkeypatch.setattr(S, "discriminator_set", lambda *a: draws.append(1) or rows)
+    d_round = S.DiscriminatorRound(S.Args(**{**TINY, "batch_size": 4}), torch.device("cpu"))
+    orders = []
+    for number in (0, 1):
+        steps = [S.Position("adversarial", "d", {}, False, False, d_set=number, ends_d_set=last)
+                 for last in (False, False, True)]
+        orders.append(torch.cat([d_round.next(None, None, 0, where) for where in steps]))
+        assert len(draws) == number + 1 and d_round.state_dict() is None  # drawn once, dropped at the round's end
+    assert len(set(orders[0][:, 0].tolist())) == 12 and not torch.equal(orders[0], orders[1])
+
+
 def test_nll_test_counts_words_and_eos_but_neither_pad_nor_unk():
     vocab = common.Vocabulary.build([["a", "b", "c"]])
     unk, pad, eos = vocab.index[common.UNK], vocab.index[common.PAD], vocab.index[common.EOS]
