@@ -501,6 +501,31 @@ def test_benchmark_times_both_presets_and_writes_nothing(corpus, tmp_path, capsy
     assert not (tmp_path / "bench").exists()
 
 
+def test_benchmark_counts_the_flops_of_one_training_step_only(corpus, tmp_path, monkeypatch):
+    """The GFLOP per step divide the timed step (the D update and the G update, each sampling once), not the extra
+    sampling pass the benchmark times on its own: counting that would overstate GFLOP/s."""
+    monkeypatch.setitem(S.PRESETS, "paper", {**S.PRESETS["paper"], "batch_size": 32, "g_hidden": 16})
+    samplings_counted, counting = [], [False]
+    real_sample, real_count = S.sample, common.count_flops
+
+    def sample(*args, **kwargs):
+        samplings_counted[-1] += counting[0]
+        return real_sample(*args, **kwargs)
+
+    def count_flops(fn):
+        samplings_counted.append(0)
+        counting[0] = True
+        try:
+            return real_count(fn)
+        finally:
+            counting[0] = False
+
+    monkeypatch.setattr(S, "sample", sample)
+    monkeypatch.setattr(common, "count_flops", count_flops)
+    S.main(S.Args(**{**TINY, "dataset": f"file:{corpus}", "out": str(tmp_path / "bench"), "benchmark": True,
+                     "benchmark_steps": 1}))
+    assert samplings_counted == [2, 2, 2]  # this run, the paper preset, the cpu preset
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: one line, non-zero exit, no traceback
 # ---------------------------------------------------------------------------------------------------------------
