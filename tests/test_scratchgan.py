@@ -526,6 +526,7 @@ def test_benchmark_counts_the_flops_of_one_training_step_only(corpus, tmp_path, 
                      "benchmark_steps": 1}))
     assert samplings_counted == [2, 2, 2]  # this run, the paper preset, the cpu preset
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: one line, non-zero exit, no traceback
 # ---------------------------------------------------------------------------------------------------------------
